@@ -1,0 +1,35 @@
+"""The dense linear layer. Quantized variants live in `models/quant_linear.py`.
+
+Every linear layer exposes the same call, `y[..., out] = layer(x[..., in])`, so the model
+code is identical for every precision preset; only the weight container and its matmul
+differ.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias). kernel [in, out] stored in the model dtype."""
+
+    weight_format = "dense"
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        std = in_features ** -0.5
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = nnx.Param(
+            (jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32) * std
+             ).astype(dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype),
+                       preferred_element_type=jnp.float32).astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y

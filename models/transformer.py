@@ -1,0 +1,112 @@
+"""Flax NNX Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5).
+
+Module and parameter names follow Hugging Face (`layers.N.self_attn.q_proj`, ...), so the
+checkpoint importer maps names one to one. Attention goes through an `AttentionBackend`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import AttentionBackend, CausalAttention
+from models.config import ModelConfig
+from models.layers import RMSNorm, apply_rope, rope_inv_freq
+from models.linear import Linear
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        bias = cfg.attention_bias
+        self.q_proj = Linear(d, cfg.num_heads * hd, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * hd, d, use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, layer: int, attention: AttentionBackend):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        out = attention(layer, q, k, v)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = SelfAttention(cfg, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, positions, inv_freq, layer, attention):
+        x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, layer, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer.
+
+    `__call__(token_ids [B, T] int, positions [B, T] int, attention, logits_indices [B, N])`
+    returns float32 logits [B, N, vocab] (N = T when `logits_indices` is None).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nnx.Param(
+            (jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+             * 0.02).astype(dtype))
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs))
+        self.inv_freq = nnx.Variable(
+            jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)))
+
+    def __call__(self, token_ids, positions, attention: AttentionBackend,
+                 logits_indices: Optional[jax.Array] = None) -> jax.Array:
+        x = jnp.take(self.embed_tokens[...], token_ids, axis=0).astype(self.dtype)
+        inv_freq = self.inv_freq[...]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, inv_freq, i, attention)
+        if logits_indices is not None:
+            x = jnp.take_along_axis(x, logits_indices[..., None], axis=1)
+        x = self.norm(x)
+        if self.lm_head is None:
+            return jnp.einsum("btd,vd->btv", x, self.embed_tokens[...].astype(x.dtype),
+                              preferred_element_type=jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)
+
+    def full_forward(self, token_ids: jax.Array) -> jax.Array:
+        """Logits [B, T, vocab] of a full causal forward without a cache."""
+        b, t = token_ids.shape
+        if t > self.config.max_context:
+            raise ValueError(
+                f"sequence length {t} exceeds this model's maximum context "
+                f"{self.config.max_context}"
+                + (f" (sliding window {self.config.sliding_window} is not supported past the "
+                   f"window)" if self.config.sliding_window else ""))
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        return self(token_ids, positions, CausalAttention())
