@@ -1,29 +1,165 @@
-"""Main job (interim demo until the engine lands): load three tiny models and decode greedily
-by repeated full forwards. It serves no workload yet and writes only the tokens it made."""
+"""The main job: serve a mixed-precision multi-model workload on one device.
+
+    python -m experiments.serve --output_dir=runs/serve
+
+Defaults run on a CPU in a few minutes: three tiny models of different families, presets
+and KV dtypes sharing one KV arena, a seeded Poisson workload with per-model rates and TTFT
+SLOs. Writes OUTPUT_DIR/summary.json (per-model and overall metrics, KV slab statistics,
+compile counts) and OUTPUT_DIR/latency.png, and prints a table.
+"""
+
+from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 from absl import app, flags
 
-import fineserve_jax as fj
+_MODELS = flags.DEFINE_list(
+    "models", ["tiny-llama:org", "tiny-mistral:fp8_kv8", "tiny-qwen2:qoq"],
+    "model:preset entries (a tiny preset or an HF checkpoint directory)")
+_RATES = flags.DEFINE_list("rates", ["6", "3", "1.5"], "per-model request rates (req/s)")
+_NUM = flags.DEFINE_integer("num_requests", 300, "requests in the workload (0: use --duration_s)")
+_DURATION = flags.DEFINE_float("duration_s", 0.0, "workload length when --num_requests=0")
+_ARRIVAL = flags.DEFINE_enum("arrival", "poisson", ["poisson", "gamma"], "arrival process")
+_CV = flags.DEFINE_float("cv", 1.0, "coefficient of variation for gamma arrivals")
+_PROMPT_MEAN = flags.DEFINE_float("prompt_mean", 48, "mean prompt tokens (lognormal)")
+_OUTPUT_MEAN = flags.DEFINE_float("output_mean", 24, "mean output tokens (lognormal)")
+_SLO_SCALE = flags.DEFINE_float(
+    "slo_scale", 40.0, "TTFT SLO = scale x the profiled single-request TTFT of the P95 prompt "
+    "+ 4 ms (FineServe's definition)")
+_SLO = flags.DEFINE_list("slo_ttft_s", [], "explicit per-model TTFT SLOs (overrides --slo_scale)")
+_ADMISSION = flags.DEFINE_enum("admission", "deadline", ["deadline", "fcfs", "shortest", "precision"],
+                               "admission policy")
+_EXECUTION = flags.DEFINE_enum("execution", "saab", ["saab", "round_robin", "fcfs"],
+                               "execution policy")
+_DROP = flags.DEFINE_boolean("drop", True, "drop requests whose SLO is unreachable (saab)")
+_ARENA_MB = flags.DEFINE_float("arena_mb", 8.0, "KV arena size (MiB)")
+_MAXLEN = flags.DEFINE_integer("max_model_len", 256, "longest prompt + output")
+_IMPL = flags.DEFINE_string("attention_impl", "auto", "reference | pallas_triton | auto")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "float32 | bfloat16")
+_SEED = flags.DEFINE_integer("seed", 0, "workload and sampling seed")
+_OUT = flags.DEFINE_string("output_dir", "runs/serve", "where to write summary.json and the plot")
+_CACHE = flags.DEFINE_string("compilation_cache_dir", None, "persistent XLA compilation cache")
 
-FLAGS = flags.DEFINE_string("output_dir", "runs/serve", "where to write summary.json")
+
+def _parse_models(entries):
+    out = []
+    for e in entries:
+        name, _, preset = e.rpartition(":") if ":" in e else (e, "", "org")
+        out.append((name, preset or "org"))
+    return out
 
 
-def main(_):
-    out = {}
-    for name in ("tiny-llama", "tiny-mistral", "tiny-qwen2"):
-        m = fj.load_model(name, dtype="float32")
-        ids = m.tokenizer.encode("Hello")
-        for _ in range(8):
-            ids.append(int(np.argmax(np.asarray(m.logits([ids]))[0, -1])))
-        out[name] = ids
-        print(f"{name}: greedy tokens {ids}")
-    os.makedirs(FLAGS.value, exist_ok=True)
-    with open(os.path.join(FLAGS.value, "demo_tokens.json"), "w") as f:
-        json.dump(out, f)
+def build_requests(engine, names, rates, num, duration, seed, slos):
+    from fineserve_jax.engine.request import Request
+    from fineserve_jax.engine.sampling_params import SamplingParams
+    from fineserve_jax.workload import LengthDist, ModelLoad, RequestLengths, generate_workload
+
+    maxlen = _MAXLEN.value
+    lengths = RequestLengths(
+        LengthDist.lognormal(_PROMPT_MEAN.value, 0.8, lo=4, hi=maxlen // 2),
+        LengthDist.lognormal(_OUTPUT_MEAN.value, 0.8, lo=2, hi=maxlen // 2 - 1))
+    loads = [ModelLoad(n, r, slos[n], lengths) for n, r in zip(names, rates)]
+    wl = generate_workload(loads, duration_s=duration or None, num_requests=num or None,
+                           arrival=_ARRIVAL.value, cv=_CV.value, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    reqs = []
+    for w in wl:
+        vocab = engine.models[w.model].config.vocab_size
+        prompt = [1] + rng.integers(3, min(vocab, 259), size=w.prompt_len - 1).tolist()
+        sp = SamplingParams(max_tokens=int(w.output_len), temperature=0.7, top_p=0.9,
+                            seed=int(w.request_id), ignore_eos=True)
+        reqs.append(Request(model=w.model, prompt=prompt, sampling=sp, arrival_s=w.arrival_s,
+                            slo_ttft_s=w.slo_ttft_s, request_id=w.request_id))
+    return reqs
+
+
+def plot(summary, records, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in summary["models"]:
+        ttft = sorted(r.first_token_s - r.arrival_s for r in records
+                      if r.model == name and r.first_token_s is not None)
+        if ttft:
+            ax1.plot(np.array(ttft) * 1e3, np.arange(1, len(ttft) + 1) / len(ttft),
+                     label=f"{name} ({summary['models'][name]['preset']})")
+    ax1.set_xlabel("TTFT (ms)")
+    ax1.set_ylabel("CDF")
+    ax1.set_title("Time to first token")
+    ax1.legend()
+    names = list(summary["models"])
+    att = [summary["models"][n]["slo_attainment"] or 0.0 for n in names]
+    ax2.bar(names, att, color="tab:blue")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("SLO attainment (TTFT < SLO)")
+    ax2.set_title(f"overall {summary['overall']['slo_attainment']:.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    from fineserve_jax import metrics
+    from fineserve_jax.engine.device_engine import Engine, ModelSpec
+    from fineserve_jax.scheduler.local import SchedulerConfig
+
+    models = _parse_models(_MODELS.value)
+    names = [f"{m.split('/')[-1]}:{p}" for m, p in models]
+    rates = [float(r) for r in _RATES.value]
+    if len(rates) != len(models):
+        raise app.UsageError(f"--rates has {len(rates)} entries for {len(models)} models")
+    print(f"loading {len(models)} models and compiling their steps ...", flush=True)
+    t0 = time.perf_counter()
+    engine = Engine(
+        [ModelSpec(n, m, p) for n, (m, p) in zip(names, models)],
+        arena_bytes=int(_ARENA_MB.value * (1 << 20)), max_model_len=_MAXLEN.value,
+        scheduler=SchedulerConfig(admission=_ADMISSION.value, execution=_EXECUTION.value,
+                                  drop=_DROP.value),
+        attention_impl=_IMPL.value, dtype=_DTYPE.value, seed=_SEED.value,
+        compilation_cache_dir=_CACHE.value)
+    print(f"ready in {time.perf_counter() - t0:.1f}s: {engine.warmup_compiles} compiles, "
+          f"arena {engine.num_slabs} slabs x {engine.slab_bytes} B, attention {engine.impl}")
+    if _SLO.value:
+        slos = dict(zip(names, (float(s) for s in _SLO.value)))
+    else:
+        p95 = int(min(_MAXLEN.value // 2, _PROMPT_MEAN.value * 3))
+        slos = {n: _SLO_SCALE.value * engine.cost.prefill_time(n, p95) + 0.004 for n in names}
+    reqs = build_requests(engine, names, rates, _NUM.value, _DURATION.value, _SEED.value, slos)
+    outputs = engine.run(reqs, realtime=True, progress=True)
+    duration = engine.now()
+    records = engine.records()
+    summary = metrics.summarize(
+        records, duration_s=duration, kv_samples=engine.kv_samples,
+        presets={n: p for n, (_, p) in zip(names, models)}, models=names,
+        kv_arena_bytes=engine.num_slabs * engine.slab_bytes, kv_slab_bytes=engine.slab_bytes)
+    summary["kv"]["num_slabs"] = engine.num_slabs
+    summary["kv"]["preemptions"] = engine.scheduler.num_preemptions
+    summary["compile"] = {"warmup_compiles": engine.warmup_compiles,
+                          "steady_state_compiles": engine.steady_state_compiles,
+                          "warmup_s": engine.warmup_s}
+    summary["config"] = {"models": dict(zip(names, [p for _, p in models])),
+                         "rates": dict(zip(names, rates)), "slo_ttft_s": slos,
+                         "admission": _ADMISSION.value, "execution": _EXECUTION.value,
+                         "attention_impl": engine.impl, "seed": _SEED.value,
+                         "steps": engine.num_steps}
+    metrics.check_conservation(summary)
+    assert len(outputs) == len(reqs)
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot(summary, records, os.path.join(_OUT.value, "latency.png"))
+    print(metrics.format_table(summary))
+    print(f"compiles: warm-up {engine.warmup_compiles}, after warm-up "
+          f"{engine.steady_state_compiles}; preemptions {engine.scheduler.num_preemptions}")
+    print(f"wrote {_OUT.value}/summary.json and {_OUT.value}/latency.png")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from functools import cached_property
 from typing import Any, Optional
@@ -42,14 +43,19 @@ class Model:
     def _logits_fn(self):
         graphdef, _ = self._split
 
-        @jax.jit
-        def logits(state, token_ids):
-            return nnx.merge(graphdef, state).full_forward(token_ids)
+        @functools.partial(jax.jit, static_argnums=(2,))
+        def logits(state, token_ids, kv_dtype):
+            roundtrip = None if kv_dtype is None else functools.partial(_kv_roundtrip, kv_dtype=kv_dtype)
+            return nnx.merge(graphdef, state).full_forward(token_ids, roundtrip)
 
         return logits
 
-    def logits(self, token_ids) -> jax.Array:
-        """Full causal forward without a cache. token_ids [B, T] int -> float32 [B, T, vocab]."""
+    def logits(self, token_ids, kv_dtype: Optional[str] = None) -> jax.Array:
+        """Full causal forward without a cache. token_ids [B, T] int -> float32 [B, T, vocab].
+
+        `kv_dtype` (e.g. `self.preset.kv`) stores K/V as the KV cache of that dtype would
+        (quantize + dequantize) before attention: the arithmetic the engine performs.
+        """
         ids = jnp.asarray(token_ids)
         if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"token_ids must be an integer array [batch, time], got "
@@ -60,7 +66,7 @@ class Model:
         if bad.any():
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
                              f"{np.asarray(ids)[bad][:4].tolist()}")
-        return self._logits_fn(self._split[1], ids.astype(jnp.int32))
+        return self._logits_fn(self._split[1], ids.astype(jnp.int32), kv_dtype)
 
     @property
     def param_bytes(self) -> int:
@@ -71,6 +77,14 @@ class Model:
     def kv_format(self, tokens_per_block: int = 16) -> KVFormat:
         c = self.config
         return KVFormat(c.num_layers, c.num_kv_heads, c.head_dim, self.preset.kv, tokens_per_block)
+
+
+def _kv_roundtrip(x, kv_dtype: str):
+    """x [..., head_dim] -> the float32 values a KV cache of `kv_dtype` gives back."""
+    from fineserve_jax.quant.kv import dequantize_kv_rows, quantize_kv_rows
+
+    data, scales = quantize_kv_rows(x, kv_dtype)
+    return dequantize_kv_rows(data, scales, kv_dtype, x.shape[-1]).astype(x.dtype)
 
 
 def load_model(path_or_preset: str, quant: "str | Preset" = "org", dtype: str = "bfloat16",

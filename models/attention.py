@@ -35,7 +35,17 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 class CausalAttention:
-    """Backend for a full forward without a cache."""
+    """Backend for a full forward without a cache.
+
+    `kv_roundtrip`, when given, maps k/v `[B, T, Hkv, D]` through the storage a KV cache
+    would apply (e.g. quantize + dequantize), so a cache-free forward reproduces exactly
+    what a model reading its KV back from the arena computes.
+    """
+
+    def __init__(self, kv_roundtrip=None):
+        self.kv_roundtrip = kv_roundtrip
 
     def __call__(self, layer: int, q, k, v):
+        if self.kv_roundtrip is not None:
+            k, v = self.kv_roundtrip(k), self.kv_roundtrip(v)
         return causal_attention(q, k, v)

@@ -99,8 +99,9 @@ class Transformer(nnx.Module):
                               preferred_element_type=jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
 
-    def full_forward(self, token_ids: jax.Array) -> jax.Array:
-        """Logits [B, T, vocab] of a full causal forward without a cache."""
+    def full_forward(self, token_ids: jax.Array, kv_roundtrip=None) -> jax.Array:
+        """Logits [B, T, vocab] of a full causal forward without a cache (see
+        `CausalAttention` for `kv_roundtrip`)."""
         b, t = token_ids.shape
         if t > self.config.max_context:
             raise ValueError(
@@ -109,4 +110,4 @@ class Transformer(nnx.Module):
                 + (f" (sliding window {self.config.sliding_window} is not supported past the "
                    f"window)" if self.config.sliding_window else ""))
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        return self(token_ids, positions, CausalAttention())
+        return self(token_ids, positions, CausalAttention(kv_roundtrip))

@@ -282,32 +282,44 @@ class SlabAllocator:
         num_blocks = operator.index(num_blocks)
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-        fmt = self._format(block_bytes)
+        fmt = self._lookup(block_bytes)  # validates block_bytes
+        if fmt is None:
+            # A format is created only by an allocation that succeeds (nothing changes else).
+            block_bytes = operator.index(block_bytes)
+            avail = len(self._free_slabs) * (self._slab_bytes // block_bytes)
+        else:
+            avail = (len(fmt.slabs) + len(self._free_slabs)) * fmt.per_slab - fmt.live
+        if num_blocks > avail:
+            raise OutOfKVMemory(operator.index(block_bytes), num_blocks, avail,
+                                len(self._free_slabs), self._slab_bytes)
         if num_blocks == 0:
             return []
+        if fmt is None:
+            fmt = self._formats[block_bytes] = _Format(block_bytes, self._slab_bytes)
         per_slab = fmt.per_slab
-        avail = len(fmt.slabs) * per_slab - fmt.live + len(self._free_slabs) * per_slab
-        if num_blocks > avail:
-            raise OutOfKVMemory(fmt.block_bytes, num_blocks, avail, len(self._free_slabs),
-                                self._slab_bytes)
         used = self._used
         heap = fmt.heap
         out: List[int] = []
         need = num_blocks
         while need:
             slab = self._fullest_partial(fmt)
-            if slab is None:
+            fresh = slab is None
+            if fresh:
                 slab = self._format_slab(fmt)
-            else:
-                heapq.heappop(heap)  # it is the (valid) top
             k = per_slab - used[slab]
             if k > need:
                 k = need
             self._take(slab, per_slab, k, out)
-            used[slab] += k
+            u = used[slab] = used[slab] + k
             need -= k
-            if used[slab] < per_slab:
-                heapq.heappush(heap, (-used[slab], slab))
+            if fresh:
+                if u < per_slab:
+                    heapq.heappush(heap, (-u, slab))
+            elif u < per_slab:
+                # The top slab only got fuller, so it stays the heap minimum: O(1) update.
+                heap[0] = (-u, slab)
+            else:
+                heapq.heappop(heap)
         fmt.live += num_blocks
         self._used_bytes += num_blocks * fmt.block_bytes
         return out
@@ -330,8 +342,8 @@ class SlabAllocator:
         slab_fmt, live = self._slab_fmt, self._live
         n_slabs = self._num_slabs
         # Validate everything before touching state (all or nothing).
-        for b in ids:
-            s, i = divmod(b, per_slab)
+        where = [divmod(b, per_slab) for b in ids]
+        for b, (s, i) in zip(ids, where):
             if not (0 <= s < n_slabs and slab_fmt[s] is fmt and live[s][i]):
                 raise ValueError(self._not_live_message(b, fmt))
         if len(ids) > 1 and len(set(ids)) != len(ids):
@@ -339,8 +351,7 @@ class SlabAllocator:
             raise ValueError(f"block {dup} of {fmt.block_bytes} B appears twice in one free()")
         used, recycled = self._used, self._recycled
         touched = {}
-        for b in ids:
-            s, i = divmod(b, per_slab)
+        for s, i in where:
             live[s][i] = 0
             recycled[s].append(i)
             touched[s] = None
@@ -431,14 +442,6 @@ class SlabAllocator:
             if fmt is not None:
                 return fmt
         return self._formats.get(self._check_block_bytes(block_bytes))
-
-    def _format(self, block_bytes) -> _Format:
-        """The format of a block size, created on first use."""
-        fmt = self._lookup(block_bytes)
-        if fmt is None:
-            block_bytes = operator.index(block_bytes)
-            fmt = self._formats[block_bytes] = _Format(block_bytes, self._slab_bytes)
-        return fmt
 
     def _fullest_partial(self, fmt: _Format):
         """The valid heap top (fullest partially used slab), popping stale entries; or None."""

@@ -13,20 +13,22 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 def data_dir(subdir: Optional[str] = None) -> Path:
     """The shared data root, or one of its subfolders ("traces", "profiles", "rates").
 
-    Search order: `$FINESERVE_DATA_DIR` (the data root; if it has no `subdir` folder the
-    variable itself is taken to be that folder), `<repo>/../shared/data`, `<repo>/shared/data`.
+    If `$FINESERVE_DATA_DIR` is set: that data root (if it has no `subdir` folder the
+    variable itself is taken to be that folder), nothing else. Otherwise
+    `<repo>/../shared/data`, then `<repo>/shared/data`.
     Raises FileNotFoundError naming every place tried.
     """
     tried = []
     env = os.environ.get(ENV_VAR)
     candidates = []
-    if env:
+    if env:  # an explicit setting is not second-guessed
         root = Path(env).expanduser()
         candidates.append(root / subdir if subdir else root)
         if subdir:
             candidates.append(root)
-    for root in (_REPO_ROOT.parent / "shared" / "data", _REPO_ROOT / "shared" / "data"):
-        candidates.append(root / subdir if subdir else root)
+    else:
+        for root in (_REPO_ROOT.parent / "shared" / "data", _REPO_ROOT / "shared" / "data"):
+            candidates.append(root / subdir if subdir else root)
     for c in candidates:
         tried.append(str(c))
         if c.is_dir():

@@ -5,8 +5,9 @@ given CV), samples prompt/output lengths per request, and returns the requests s
 arrival time with request ids 0..n-1 in that order.
 
 Seeding: `np.random.SeedSequence(seed)` spawns one child per model (in the order given), and
-each child spawns an arrival stream and a length stream. So the same seed and model list
-give the same workload, and changing the length distribution does not move arrivals.
+each child spawns an arrival, a prompt-length and an output-length stream. So the same seed
+and model list give the same workload, changing the length distribution does not move
+arrivals, and `num_requests=n` gives exactly the first n requests of a longer run.
 """
 
 from __future__ import annotations
@@ -103,11 +104,11 @@ def generate_workload(
     if num_requests is not None and num_requests > 0 and not any(m.rate > 0 for m in loads):
         raise ValueError("num_requests > 0 needs at least one model with a positive rate")
     default_lengths = as_lengths(lengths)
-    # One (arrival, length) pair of seed sequences per model; spawn() is stateful, so once.
-    seeds = [tuple(c.spawn(2)) for c in np.random.SeedSequence(seed).spawn(len(loads))]
+    # (arrival, prompt, output) seed sequences per model; spawn() is stateful, so once.
+    seeds = [tuple(c.spawn(3)) for c in np.random.SeedSequence(seed).spawn(len(loads))]
 
     per_model_times = []
-    for m, (arr_seed, _) in zip(loads, seeds):
+    for m, (arr_seed, _, _) in zip(loads, seeds):
         rng = np.random.default_rng(arr_seed)
         if duration_s is not None:
             t = arrival_times(rng, m.rate, duration_s=duration_s, process=arrival, cv=cv, start_s=start_s)
@@ -127,15 +128,13 @@ def generate_workload(
     # Lengths: each model's length stream, in that model's arrival order.
     prompt = np.zeros(len(order), dtype=np.int64)
     output = np.zeros(len(order), dtype=np.int64)
-    for i, (m, (_, len_seed)) in enumerate(zip(loads, seeds)):
+    for i, (m, (_, p_seed, o_seed)) in enumerate(zip(loads, seeds)):
         idx = np.nonzero(kept_m == i)[0]
         if idx.size == 0:
             continue
-        rng = np.random.default_rng(len_seed)
         lens: RequestLengths = as_lengths(m.lengths) if m.lengths is not None else default_lengths
-        p, o = lens.sample(rng, idx.size)
-        prompt[idx] = p
-        output[idx] = o
+        prompt[idx] = lens.prompt.sample(np.random.default_rng(p_seed), idx.size)
+        output[idx] = lens.output.sample(np.random.default_rng(o_seed), idx.size)
 
     return [
         WorkloadRequest(

@@ -1,0 +1,32 @@
+"""On-device sampling with per-row parameters as arrays (inside the compiled step)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def sample_tokens(logits, temperature, top_k, top_p, seeds, steps):
+    """Pick one token per row.
+
+    logits [R, V] float32; temperature [R] f32 (0 = greedy); top_k [R] int32 (0 = off);
+    top_p [R] f32 (1 = off); seeds [R] uint32; steps [R] int32 (index of the token being
+    generated: the key is fold_in(PRNGKey(seed), step), so a row's draw never depends on
+    the other rows of the batch). Returns [R] int32.
+    """
+    v = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    srt = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)
+    srt = jnp.where(jnp.arange(v)[None, :] < k[:, None], srt, -jnp.inf)
+    cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep = (cum - jax.nn.softmax(srt, axis=-1)) < top_p[:, None]
+    pth = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    threshold = jnp.maximum(kth, pth)
+    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(seeds, steps)
+    drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)

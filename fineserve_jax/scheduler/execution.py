@@ -1,0 +1,72 @@
+"""Stage 2 of the local scheduler: which model steps next, and with which requests.
+
+`saab` is FineServe's SLO-aware adaptive batching: predict each waiting request's TTFT
+from the cost model, drop (or deprioritise) the hopeless ones, and grow the prefill batch
+while every request in it still meets its deadline. `round_robin` and `fcfs` are the
+baselines. Pure Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Tuple
+
+from fineserve_jax.engine.request import RequestState
+
+EXECUTION_POLICIES = ("saab", "round_robin", "fcfs")
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One step to run. Prefill: `chunks[i]` tokens of `seqs[i]` starting at its
+    `num_computed`. Decode: one token per sequence."""
+
+    model: str
+    kind: str  # "prefill" | "decode"
+    seqs: List[RequestState]
+    chunks: List[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLimits:
+    """What one model's compiled steps can take."""
+
+    max_prefill_tokens: int
+    max_prefill_seqs: int
+    max_decode_seqs: int
+
+
+def pack_prefill(pending: List[RequestState], limits: ModelLimits, now: float, cost, model: str,
+                 slo_aware: bool) -> Tuple[List[RequestState], List[int]]:
+    """Choose prefill chunks in `pending` order within the token/sequence limits.
+
+    With `slo_aware`, stop growing the batch as soon as the predicted finish of the batch
+    would make an already-included request (with an SLO) miss its deadline.
+    """
+    seqs, chunks, total = [], [], 0
+    for s in pending:
+        if len(seqs) == limits.max_prefill_seqs or total == limits.max_prefill_tokens:
+            break
+        n = min(s.num_pending_prefill, limits.max_prefill_tokens - total)
+        if n <= 0:
+            continue
+        if slo_aware and seqs:
+            finish = now + cost.prefill_time(model, total + n, len(seqs) + 1)
+            if any(finish > q.deadline_s for q in seqs + [s]
+                   if q.first_token_s is None and not q.low_priority):
+                break
+        seqs.append(s)
+        chunks.append(n)
+        total += n
+    return seqs, chunks
+
+
+def pick_decode_model(decodable: Dict[str, List[RequestState]], last_step_s: Dict[str, float]
+                      ) -> Optional[str]:
+    """The model whose decode batch has waited longest (keeps TPOT even across models)."""
+    ready = [m for m, v in decodable.items() if v]
+    return min(ready, key=lambda m: last_step_s.get(m, -1.0)) if ready else None

@@ -1,0 +1,324 @@
+"""Quantized linear layers: the same call as `models.linear.Linear`, other containers.
+
+Every layer maps `y[..., out] = layer(x[..., in])` with `y` in x's dtype, so
+`models/transformer.py` runs unchanged for every precision preset; only the stored
+weights and the matmul differ. Layers are built from a float kernel by round-to-nearest
+(RTN) quantization; `fineserve_jax.quant.quantize_model` swaps them into a model.
+
+Formats (kernel [in, out]; G = in / group groups along the input dim):
+
+  layer        preset       stored nnx.Params                                   matmul
+  Fp8Linear    fp8 W8A8     weight fp8e4m3 [in, out], weight_scale f32 [out]     fp8 x fp8 -> f32
+  Int8Linear   int8 W8A16   weight int8 [in, out], weight_scale f32 [G, out]     dequant -> x dtype
+  Int4Linear   awq W4A16    weight uint8 [in/2, out] (2 nibbles/byte),           dequant -> x dtype
+                            weight_scale f32 [G, out], weight_zero uint8 [G, out]
+  W4A8Linear   qoq W4A8     weight uint8 [in/2, out], weight_scale f32 [out],    int8 x int8 -> int32
+                            group_scale uint8 [G, out], weight_zero uint8 [G, out]
+
+plus, on every layer, `bias` [out] in the model dtype (when the float layer has one) and,
+for AWQ-calibrated layers, `act_scale` f32 [in]: the weights were quantized as
+`W' = W * act_scale[:, None]` and the layer divides its input by `act_scale` at runtime,
+so `(x / s) @ Q(W * s) ~= x @ W` with the salient input channels quantized more finely.
+Non-trainable metadata (`in_features`, `out_features`, `group_size`) are plain attributes.
+
+Activation quantization (W8A8, W4A8) is dynamic and per token (one float32 scale per row
+of x, `scale = max|x_row| / qmax`), so an outlier token cannot spoil its neighbours.
+
+Arithmetic conventions (the tests re-implement them in float64 numpy):
+  symmetric  q = clip(round(v / scale), -qmax, qmax), scale = max(amax / qmax, SCALE_FLOOR)
+             (fp8: q = cast_e4m3(clip(v / scale, -448, 448)); a plain cast of an
+             out-of-range value gives NaN, not saturation, hence the clip)
+  int4       asymmetric with an integer zero point: v ~= (q - zero) * scale, q and zero in
+             [0, 15]; the range [min, max] of a group is widened to include 0 so that the
+             zero point is representable.
+  W4A8       QoQ's progressive group quantization (QServe, arXiv 2405.04532): W is first
+             quantized per output channel to int8 in the protective range [-119, 119]
+             (f32 `weight_scale`), then each group of those int8 values to uint4 with an
+             integer (uint8) `group_scale` and zero. `(q - zero) * group_scale` is then an
+             exact int8 (|.| <= 119 + 16/2 = 127, no overflow), so the matmul is
+             int8 activations x int8 weights with int32 accumulation, scaled once per
+             output channel and token afterwards.
+
+Backends: XLA CPU has no fp8 GEMM: `dot_general` on fp8 operands is lowered to converts to
+f32 and an f32 dot (the products of two e4m3 values are exact in f32, so the result equals
+an fp8 GEMM with f32 accumulation). int8 x int8 -> int32 runs natively on XLA CPU. On
+Hopper GPUs XLA's GEMM rewriter maps the fp8 dot (with the scaling multiplies) to cuBLASLt
+fp8 GEMMs and the int8 dot to IMMA where the shapes allow; otherwise it upcasts, with the
+same results up to accumulation order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fineserve_jax.formats import FP8_E4M3_MAX, INT4_LEVELS, INT8_QMAX
+from fineserve_jax.quant.int4_pack import pack_int4, unpack_int4
+
+# Scales never go below this, so an all-zero row/group quantizes to zeros instead of 0/0.
+SCALE_FLOOR = 1e-12
+# QoQ level-1 range: leaves room for the level-2 rounding (|q8| <= 119 + 16/2 = 127).
+QOQ_PROTECTIVE_QMAX = 119.0
+
+_QMAX = {"fp8": FP8_E4M3_MAX, "int8": INT8_QMAX}
+
+
+def effective_group_size(in_features: int, group_size: int) -> int:
+    """Group length along the input dim: the largest divisor of `in_features` <= group_size.
+
+    Groups must tile the input dim exactly. When `in_features < group_size` this is
+    `in_features` (one group per output channel); when `group_size` does not divide it,
+    the next smaller divisor (e.g. in=200, group 128 -> 100), i.e. finer groups, never
+    coarser ones. Llama/Mistral/Qwen widths are multiples of 128, so 128 is used as is.
+    """
+    if in_features <= 0 or group_size <= 0:
+        raise ValueError(f"in_features and group_size must be positive, got "
+                         f"{in_features}, {group_size}")
+    g = min(group_size, in_features)
+    while in_features % g:
+        g -= 1
+    return g
+
+
+# --- the quantizers ------------------------------------------------------------------------
+
+def symmetric_quantize(v: jax.Array, fmt: str, axis, qmax: Optional[float] = None):
+    """Symmetric RTN along `axis` (reduced, kept with size 1).
+
+    v float32; fmt "fp8" (e4m3fn) or "int8". Returns (q, scale): q fp8/int8 of v's shape,
+    scale float32 with `axis` of size 1, such that v ~= q * scale. `qmax` overrides the
+    format's largest magnitude (448 for fp8, 127 for int8).
+    """
+    qmax = _QMAX[fmt] if qmax is None else qmax
+    amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
+    scale = jnp.maximum(amax / qmax, SCALE_FLOOR)
+    y = v / scale
+    if fmt == "fp8":
+        q = jnp.clip(y, -qmax, qmax).astype(jnp.float8_e4m3fn)
+    else:
+        q = jnp.clip(jnp.round(y), -qmax, qmax).astype(jnp.int8)
+    return q, scale
+
+
+def asymmetric_quantize(v: jax.Array, axis, integer_scale: bool = False):
+    """Asymmetric 4-bit RTN along `axis`: v ~= (q - zero) * scale.
+
+    v float32. Returns (q uint8 in [0, 15] of v's shape, scale float32, zero uint8 in
+    [0, 15]), scale/zero with `axis` of size 1. With `integer_scale` the scale is rounded
+    up to an integer >= 1 (QoQ level 2, where v holds int8 values), so it is exact in uint8.
+    """
+    lo = jnp.minimum(jnp.min(v, axis=axis, keepdims=True), 0.0)
+    hi = jnp.maximum(jnp.max(v, axis=axis, keepdims=True), 0.0)
+    scale = (hi - lo) / INT4_LEVELS
+    scale = jnp.maximum(jnp.ceil(scale), 1.0) if integer_scale else jnp.maximum(scale, SCALE_FLOOR)
+    zero = jnp.clip(jnp.round(-lo / scale), 0, INT4_LEVELS)
+    q = jnp.clip(jnp.round(v / scale) + zero, 0, INT4_LEVELS)
+    return q.astype(jnp.uint8), scale, zero.astype(jnp.uint8)
+
+
+def expand_groups(a: jax.Array, group: int) -> jax.Array:
+    """Per-group values [G, out] -> per-row [G * group, out] (row r belongs to group r // group)."""
+    return jnp.repeat(a, group, axis=0)
+
+
+def _matmul(x: jax.Array, w: jax.Array, acc_dtype) -> jax.Array:
+    """x [..., in] @ w [in, out] -> [..., out] accumulated in `acc_dtype`."""
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=acc_dtype)
+
+
+# --- the layers ----------------------------------------------------------------------------
+
+class QuantLinear(nnx.Module):
+    """Base of the quantized layers: input scaling, bias and the output dtype.
+
+    Subclasses set `weight_format` / `activation_format` and implement `_store(w)`
+    (quantize the float32 kernel [in, out] into Params) and `_product(x)`
+    (x float32 [..., in] after the AWQ division, compute dtype -> float32 [..., out]).
+    """
+
+    weight_format = "?"
+    activation_format = "?"
+
+    def __init__(self, kernel: jax.Array, bias: Optional[jax.Array] = None, *,
+                 group_size: int = 128, act_scale: Optional[jax.Array] = None):
+        """kernel [in, out] float (any float dtype) -> quantized by RTN.
+
+        bias [out] is stored as given (the model dtype). act_scale [in] float (AWQ):
+        the kernel is quantized as `kernel * act_scale[:, None]` and inputs are divided
+        by act_scale at runtime.
+        """
+        self.in_features, self.out_features = (int(d) for d in kernel.shape)
+        w = jnp.asarray(kernel).astype(jnp.float32)
+        if act_scale is not None:
+            s = jnp.asarray(act_scale).astype(jnp.float32)
+            if s.shape != (self.in_features,):
+                raise ValueError(f"act_scale must have shape ({self.in_features},), got {s.shape}")
+            self.act_scale = nnx.Param(s)
+            w = w * s[:, None]
+        else:
+            self.act_scale = None
+        self._configure(group_size)
+        self._store(w)
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
+
+    @classmethod
+    def from_linear(cls, linear, *, group_size: int = 128,
+                    act_scale: Optional[jax.Array] = None) -> "QuantLinear":
+        """Quantize a `models.linear.Linear` (kernel [in, out], optional bias)."""
+        bias = None if linear.bias is None else linear.bias[...]
+        return cls(linear.kernel[...], bias, group_size=group_size, act_scale=act_scale)
+
+    def _configure(self, group_size: int) -> None:
+        """Hook for formats with groups (sets `self.group_size`)."""
+
+    def _store(self, w: jax.Array) -> None:
+        raise NotImplementedError
+
+    def _product(self, x: jax.Array, compute_dtype) -> jax.Array:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> jax.Array:
+        """The kernel the layer effectively applies to `x / act_scale`: float32 [in, out]."""
+        raise NotImplementedError
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if self.act_scale is not None:
+            x32 = x32 / self.act_scale[...]
+        y = self._product(x32, x.dtype).astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class _GroupedMixin:
+    """Groups of `group_size` consecutive input rows share a scale (and zero)."""
+
+    def _configure(self, group_size: int) -> None:
+        self.group_size = effective_group_size(self.in_features, group_size)
+
+    def _groups(self, w: jax.Array) -> jax.Array:
+        """[in, out] -> [G, group, out]."""
+        return w.reshape(self.in_features // self.group_size, self.group_size, self.out_features)
+
+
+class Fp8Linear(QuantLinear):
+    """W8A8 fp8 (e4m3fn): per-output-channel weight scales, per-token activation scales."""
+
+    weight_format = "fp8"
+    activation_format = "fp8"
+
+    def _store(self, w):
+        q, scale = symmetric_quantize(w, "fp8", axis=0)
+        self.weight = nnx.Param(q)
+        self.weight_scale = nnx.Param(scale[0])
+
+    def _product(self, x, compute_dtype):
+        xq, x_scale = symmetric_quantize(x, "fp8", axis=-1)
+        acc = _matmul(xq, self.weight[...], jnp.float32)
+        return acc * x_scale * self.weight_scale[...]
+
+    def dequantized_weight(self):
+        return self.weight[...].astype(jnp.float32) * self.weight_scale[...]
+
+
+class Int8Linear(_GroupedMixin, QuantLinear):
+    """W8A16: symmetric int8 weights with a float32 scale per (input group, output channel)."""
+
+    weight_format = "int8"
+    activation_format = "bf16"
+
+    def _store(self, w):
+        q, scale = symmetric_quantize(self._groups(w), "int8", axis=1)
+        self.weight = nnx.Param(q.reshape(self.in_features, self.out_features))
+        self.weight_scale = nnx.Param(scale[:, 0])
+
+    def dequantized_weight(self):
+        return (self.weight[...].astype(jnp.float32)
+                * expand_groups(self.weight_scale[...], self.group_size))
+
+    def _product(self, x, compute_dtype):
+        # Dequantize, then one GEMM in the activation dtype with f32 accumulation: the
+        # [in, out] dequantized kernel fuses into the dot's operand on GPU; a grouped
+        # einsum would materialize [tokens, G, out] partial sums instead.
+        w = self.dequantized_weight().astype(compute_dtype)
+        return _matmul(x.astype(compute_dtype), w, jnp.float32)
+
+
+class Int4Linear(_GroupedMixin, QuantLinear):
+    """W4A16 (AWQ format): uint4 weights, packed 2 per byte along the input dim, with a
+    float32 scale and a uint8 zero point per (input group, output channel)."""
+
+    weight_format = "int4"
+    activation_format = "bf16"
+
+    def _store(self, w):
+        q, scale, zero = asymmetric_quantize(self._groups(w), axis=1)
+        self.weight = nnx.Param(pack_int4(q.reshape(self.in_features, self.out_features), 0))
+        self.weight_scale = nnx.Param(scale[:, 0])
+        self.weight_zero = nnx.Param(zero[:, 0])
+
+    def dequantized_weight(self):
+        q = unpack_int4(self.weight[...], 0).astype(jnp.float32)
+        zero = expand_groups(self.weight_zero[...], self.group_size).astype(jnp.float32)
+        return (q - zero) * expand_groups(self.weight_scale[...], self.group_size)
+
+    def _product(self, x, compute_dtype):
+        w = self.dequantized_weight().astype(compute_dtype)
+        return _matmul(x.astype(compute_dtype), w, jnp.float32)
+
+
+class W4A8Linear(_GroupedMixin, QuantLinear):
+    """W4A8 (QoQ): uint4 weights with integer group scales/zeros over a per-channel int8
+    level, int8 per-token activations, int8 x int8 -> int32 GEMM."""
+
+    weight_format = "int4"
+    activation_format = "int8"
+
+    def _store(self, w):
+        w8, scale = symmetric_quantize(w, "int8", axis=0, qmax=QOQ_PROTECTIVE_QMAX)
+        q, gscale, zero = asymmetric_quantize(
+            self._groups(w8.astype(jnp.float32)), axis=1, integer_scale=True)
+        self.weight = nnx.Param(pack_int4(q.reshape(self.in_features, self.out_features), 0))
+        self.weight_scale = nnx.Param(scale[0])
+        self.group_scale = nnx.Param(gscale[:, 0].astype(jnp.uint8))
+        self.weight_zero = nnx.Param(zero[:, 0])
+
+    def int8_weight(self) -> jax.Array:
+        """Level-2 dequantization, integer only: (q - zero) * group_scale, int8 [in, out]."""
+        q = unpack_int4(self.weight[...], 0).astype(jnp.int32)
+        zero = expand_groups(self.weight_zero[...], self.group_size).astype(jnp.int32)
+        gscale = expand_groups(self.group_scale[...], self.group_size).astype(jnp.int32)
+        return ((q - zero) * gscale).astype(jnp.int8)
+
+    def dequantized_weight(self):
+        return self.int8_weight().astype(jnp.float32) * self.weight_scale[...]
+
+    def _product(self, x, compute_dtype):
+        xq, x_scale = symmetric_quantize(x, "int8", axis=-1)
+        acc = _matmul(xq, self.int8_weight(), jnp.int32)
+        return acc.astype(jnp.float32) * x_scale * self.weight_scale[...]
+
+
+def layer_class(weights: str, activations: str) -> Optional[type]:
+    """The quantized layer for a (weights, activations) pair; None for bf16 weights."""
+    table = {
+        ("fp8", "fp8"): Fp8Linear,
+        ("int8", "bf16"): Int8Linear,
+        ("int4", "bf16"): Int4Linear,
+        ("int4", "int8"): W4A8Linear,
+    }
+    if weights == "bf16":
+        if activations != "bf16":
+            raise ValueError(f"bf16 weights with {activations} activations are not supported")
+        return None
+    try:
+        return table[(weights, activations)]
+    except KeyError:
+        valid = ", ".join(f"W={w}/A={a}" for w, a in table)
+        raise ValueError(f"no quantized layer for weights={weights!r}, activations="
+                         f"{activations!r}; supported: {valid} (and bf16/bf16)") from None
