@@ -25,12 +25,13 @@ Activation quantization (W8A8, W4A8) is dynamic and per token (one float32 scale
 of x, `scale = max|x_row| / qmax`), so an outlier token cannot spoil its neighbours.
 
 Arithmetic conventions (the tests re-implement them in float64 numpy):
-  symmetric  q = clip(round(v / scale), -qmax, qmax), scale = max(amax / qmax, SCALE_FLOOR)
+  symmetric  q = clip(round(v / scale), -qmax, qmax),
+             scale = max(amax * f32(1/qmax), SCALE_FLOOR)
              (fp8: q = cast_e4m3(clip(v / scale, -448, 448)); a plain cast of an
              out-of-range value gives NaN, not saturation, hence the clip)
   int4       asymmetric with an integer zero point: v ~= (q - zero) * scale, q and zero in
-             [0, 15]; the range [min, max] of a group is widened to include 0 so that the
-             zero point is representable.
+             [0, 15], scale = (max - min) * f32(1/15); the range [min, max] of a group is
+             widened to include 0 so that the zero point is representable.
   W4A8       QoQ's progressive group quantization (QServe, arXiv 2405.04532): W is first
              quantized per output channel to int8 in the protective range [-119, 119]
              (f32 `weight_scale`), then each group of those int8 values to uint4 with an
@@ -53,6 +54,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fineserve_jax.formats import FP8_E4M3_MAX, INT4_LEVELS, INT8_QMAX
@@ -85,6 +87,13 @@ def effective_group_size(in_features: int, group_size: int) -> int:
 
 # --- the quantizers ------------------------------------------------------------------------
 
+def reciprocal(c: float) -> float:
+    """1/c rounded to float32. Scales are `amax * reciprocal(qmax)`, a multiply, because XLA
+    rewrites a division by a constant into exactly this multiply on some backends and not
+    others; writing it explicitly makes the rounding the same everywhere."""
+    return float(np.float32(1.0) / np.float32(c))
+
+
 def symmetric_quantize(v: jax.Array, fmt: str, axis, qmax: Optional[float] = None):
     """Symmetric RTN along `axis` (reduced, kept with size 1).
 
@@ -94,7 +103,7 @@ def symmetric_quantize(v: jax.Array, fmt: str, axis, qmax: Optional[float] = Non
     """
     qmax = _QMAX[fmt] if qmax is None else qmax
     amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
-    scale = jnp.maximum(amax / qmax, SCALE_FLOOR)
+    scale = jnp.maximum(amax * reciprocal(qmax), SCALE_FLOOR)
     y = v / scale
     if fmt == "fp8":
         q = jnp.clip(y, -qmax, qmax).astype(jnp.float8_e4m3fn)
@@ -112,7 +121,7 @@ def asymmetric_quantize(v: jax.Array, axis, integer_scale: bool = False):
     """
     lo = jnp.minimum(jnp.min(v, axis=axis, keepdims=True), 0.0)
     hi = jnp.maximum(jnp.max(v, axis=axis, keepdims=True), 0.0)
-    scale = (hi - lo) / INT4_LEVELS
+    scale = (hi - lo) * reciprocal(INT4_LEVELS)
     scale = jnp.maximum(jnp.ceil(scale), 1.0) if integer_scale else jnp.maximum(scale, SCALE_FLOOR)
     zero = jnp.clip(jnp.round(-lo / scale), 0, INT4_LEVELS)
     q = jnp.clip(jnp.round(v / scale) + zero, 0, INT4_LEVELS)

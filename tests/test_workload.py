@@ -12,7 +12,6 @@ from fineserve_jax import workload as wl
 from fineserve_jax.workload import (
     LengthDist,
     ModelLoad,
-    Trace,
     TraceError,
     arrival_times,
     empirical_cv,

@@ -183,6 +183,11 @@ class SlabAllocator:
         in_slabs = len(fmt.slabs) * per_slab - fmt.live if fmt is not None else 0
         return in_slabs + len(self._free_slabs) * per_slab
 
+    def formatted_slabs(self, block_bytes: int) -> int:
+        """Slabs formatted for this size now (partially or fully used), O(1)."""
+        fmt = self._lookup(block_bytes)
+        return len(fmt.slabs) if fmt is not None else 0
+
     def live_blocks(self, block_bytes: int) -> int:
         fmt = self._lookup(block_bytes)
         return fmt.live if fmt is not None else 0
@@ -265,7 +270,10 @@ class SlabAllocator:
 
     def slab_block_bytes(self, slab: int) -> int:
         """Block size a slab is formatted for, 0 if it is free (or the null slab)."""
-        fmt = self._slab_fmt[operator.index(slab)]
+        slab = operator.index(slab)
+        if not 0 <= slab < self._num_slabs:
+            raise ValueError(f"slab {slab} is outside the arena (0 <= slab < {self._num_slabs})")
+        fmt = self._slab_fmt[slab]
         return fmt.block_bytes if fmt is not None else 0
 
     # --- allocate / free -------------------------------------------------------------------

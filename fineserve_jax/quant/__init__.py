@@ -3,6 +3,7 @@
   ptq.py        quantize_model, quantized_structure, restore_quantized, param_bytes
   awq.py        activation-aware per-input-channel scale search (calibration)
   int4_pack.py  two uint4 per byte
+  quality.py    logit error metrics of a quantized model against its float original
   kv.py         KV row quantization (the KV block format)
 
 The quantized layers themselves live in `models/quant_linear.py`. Attributes load lazily
@@ -20,6 +21,7 @@ _LAZY = {
     "projection_layers": "fineserve_jax.quant.ptq",
     "search_act_scales": "fineserve_jax.quant.awq",
     "default_calibration": "fineserve_jax.quant.awq",
+    "logit_metrics": "fineserve_jax.quant.quality",
     "pack_int4": "fineserve_jax.quant.int4_pack",
     "unpack_int4": "fineserve_jax.quant.int4_pack",
     "quantize_kv_rows": "fineserve_jax.quant.kv",

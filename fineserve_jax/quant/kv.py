@@ -10,7 +10,8 @@ arena's `write_kv` stores what `quantize_kv_rows` returns, the reference attenti
 
 Error bounds per element `x` of a row with `amax = max|row|`, `lo, hi = min, max of row`
 (checked by tests/test_kv_quant.py):
-  bf16: `|x - deq| <= 2^-9 |x|` (round to nearest bf16); bf16 inputs are stored exactly.
+  bf16: `|x - deq| <= 2^-8 |x|` (round to nearest, 7 mantissa bits); bf16 inputs are
+        stored exactly.
   fp8:  e4m3fn with `scale = amax / 448`: `|x - deq| <= 2^-4 |x| + 2^-10 scale`
         (3 mantissa bits; the second term covers the subnormal range), so <= 2^-4 amax.
         Values are clipped to +-448 before the cast: a plain cast of 448.0001 gives NaN.

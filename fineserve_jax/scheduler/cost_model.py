@@ -37,8 +37,8 @@ profiled shares the nearest one is used.
 
 Unprofiled (model, preset, tp): derived from the nearest profiled group, chosen
 lexicographically by (same model or identical geometry, else closest |log parameter
-count|), then fewest differing
-(weights, activations, KV) formats, then nearest |log2 tp|, then nearest mps. Each
+count|), then fewest differing (weights, activations, KV) formats, then nearest |log2 tp|,
+then nearest mps. Each
 coefficient is scaled by the physical quantity it stands for, target / source:
     a, d  weight bytes / tp      (linear params x {bf16 2, fp8 1, int8 1, int4 0.5} bytes
                                    + lm head in bf16)
@@ -47,7 +47,9 @@ coefficient is scaled by the physical quantity it stands for, target / source:
     c     attention FLOPs per token pair / tp    (4 x layers x heads x head_dim)
     f     KV bytes per token / tp  (formats.KVFormat.bytes_per_token of the preset's KV dtype)
 TP scaling is ideal (optimistic: the profiles show small models gaining little from TP).
-Models with no profile at all use `synthetic()`'s roofline (`Hardware`), see there.
+A cost model with no group to scale from (`synthetic()`, or profiles whose presets or
+geometries are unknown) uses the roofline of `synthetic()` (`Hardware`), see there. A model
+with neither a profile nor a known geometry raises UnknownModelError.
 `register_alias(name, profiled)` maps a name onto a profiled model's data as-is (no scaling).
 
 Online correction: `observe(kind, model, ...)` keeps, per (model, preset, kind), a

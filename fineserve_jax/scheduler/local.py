@@ -48,10 +48,27 @@ class SchedulerConfig:
 
 
 class LocalScheduler:
-    def __init__(self, models: Dict[str, ModelEntry], allocator: SlabAllocator, cost,
-                 config: SchedulerConfig = SchedulerConfig()):
+    """`allocator` is the device's shared KV arena. `allocators` (optional, model name ->
+    allocator) gives each model a static KV partition of its own instead (the baselines'
+    memory model): admission then skips a model whose partition is full instead of waiting
+    for it, and a decode that runs out of memory preempts the latest-admitted sequence of the
+    same model (preempting another model's frees nothing for this one)."""
+
+    def __init__(self, models: Dict[str, ModelEntry], allocator: Optional[SlabAllocator], cost,
+                 config: SchedulerConfig = SchedulerConfig(),
+                 allocators: Optional[Dict[str, SlabAllocator]] = None):
         self.models = models
         self.alloc = allocator
+        self.allocators = allocators
+        if allocators is not None:
+            missing = set(models) - set(allocators)
+            if missing:
+                raise ValueError(f"no KV partition for model(s) {sorted(missing)}")
+            self._alloc_of = {m: allocators[m] for m in models}
+        elif allocator is None:
+            raise ValueError("give a shared allocator or per-model allocators")
+        else:
+            self._alloc_of = {m: allocator for m in models}
         self.cost = cost
         self.config = config
         self._key = admission_key(config.admission, {m: e.preset for m, e in models.items()},
@@ -80,13 +97,14 @@ class LocalScheduler:
     def _grow(self, seq: RequestState, tokens: int) -> None:
         n = self._blocks_needed(seq, tokens)
         if n:
-            seq.block_ids += self.alloc.allocate(block_bytes=self.models[seq.model].block_bytes,
-                                                 num_blocks=n)
+            seq.block_ids += self._alloc_of[seq.model].allocate(
+                block_bytes=self.models[seq.model].block_bytes, num_blocks=n)
 
     def release(self, seq: RequestState) -> None:
         """Free a sequence's blocks and forget it (it ended or was preempted)."""
         if seq.block_ids:
-            self.alloc.free(block_bytes=self.models[seq.model].block_bytes, block_ids=seq.block_ids)
+            self._alloc_of[seq.model].free(block_bytes=self.models[seq.model].block_bytes,
+                                           block_ids=seq.block_ids)
             seq.block_ids = []
         if seq in self.running.get(seq.model, ()):
             self.running[seq.model].remove(seq)
@@ -104,11 +122,17 @@ class LocalScheduler:
 
     # -- stage 1: admission ---------------------------------------------------------------
     def _admit(self, now: float) -> None:
+        full = set()  # static partitions: models whose partition cannot take their head
         for seq in order_waiting(self.waiting, self._key, now):
+            if seq.model in full:
+                continue
             try:
                 self._grow(seq, seq.num_tokens)
             except OutOfKVMemory:
-                break  # strict priority order: aging guarantees the head gets in eventually
+                if self.allocators is None:
+                    break  # strict priority order: aging guarantees the head gets in eventually
+                full.add(seq.model)  # strict order within the model; other partitions go on
+                continue
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             seq.admitted_s = now
@@ -165,7 +189,7 @@ class LocalScheduler:
                     out.append(s)
                     break
                 except OutOfKVMemory:
-                    victim = self._admit_order[-1]
+                    victim = self._victim(s.model)
                     self._preempt(victim)
                     preempted.append(victim)
                     if victim is s:
@@ -173,6 +197,12 @@ class LocalScheduler:
                     if victim in out:
                         out.remove(victim)
         return StepPlan(model, "decode", out, [1] * len(out)) if out else None
+
+    def _victim(self, model: str) -> RequestState:
+        """The latest-admitted running sequence whose blocks would relieve `model`."""
+        if self.allocators is None:
+            return self._admit_order[-1]
+        return next(s for s in reversed(self._admit_order) if s.model == model)
 
     def schedule(self, now: float) -> SchedulerOutput:
         dropped: List[RequestState] = []

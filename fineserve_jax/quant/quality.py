@@ -1,0 +1,64 @@
+"""Measuring a quantized model against its float original (used by tests and experiments).
+
+`logit_metrics` defines the error figures reported in WORKSPACE_NOTES.md;
+`with_outlier_channels` builds the "calibration-like" variant of a random-weight model:
+real LLMs have a few residual channels of persistently large magnitude, which is what
+makes activation-aware scaling pay off, and random initialisations do not.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def logit_metrics(ref: np.ndarray, test: np.ndarray) -> Dict[str, float]:
+    """Errors of logits `test` against `ref`, both float [..., vocab]:
+
+    rel_err  ||test - ref||_F / ||ref||_F over all elements
+    max_rel  max |test - ref| / max |ref|
+    kl       mean over positions of KL(softmax(ref) || softmax(test)), nats
+    top1     fraction of positions whose argmax agrees
+    """
+    ref = np.asarray(ref, np.float64)
+    test = np.asarray(test, np.float64)
+    diff = test - ref
+
+    def log_softmax(v):
+        v = v - v.max(-1, keepdims=True)
+        return v - np.log(np.exp(v).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(test)
+    return {
+        "rel_err": float(np.linalg.norm(diff) / np.linalg.norm(ref)),
+        "max_rel": float(np.abs(diff).max() / np.abs(ref).max()),
+        "kl": float((np.exp(lp) * (lp - lq)).sum(-1).mean()),
+        "top1": float((ref.argmax(-1) == test.argmax(-1)).mean()),
+    }
+
+
+def jit_logits(module, token_ids) -> np.ndarray:
+    """float32 logits [B, T, vocab] of a jitted full causal forward of `module`."""
+    graphdef, state = nnx.split(module)
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s).full_forward(x))
+    return np.asarray(fwd(state, jnp.asarray(token_ids, jnp.int32)))
+
+
+def with_outlier_channels(module, n: int = 8, gain: float = 20.0, seed: int = 2):
+    """A copy of a `Transformer` whose RMSNorm weights (input and post-attention, every
+    layer) are multiplied by `gain` on `n` residual channels chosen with `seed`, so the
+    inputs of q/k/v and gate/up carry persistent large-magnitude channels."""
+    cfg = module.config
+    out = nnx.clone(module)
+    channels = np.random.default_rng(seed).choice(cfg.hidden_size, n, replace=False)
+    mult = np.ones(cfg.hidden_size, np.float32)
+    mult[channels] = gain
+    for layer in out.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            w = norm.weight[...]
+            norm.weight.set_value((w.astype(jnp.float32) * mult).astype(w.dtype))
+    return out
