@@ -84,21 +84,19 @@ def rtn_variant(name: str):
 
 def byte_rows(cfg, full_cfg, presets: List[str]) -> Dict[str, dict]:
     """Stored bytes (bf16 deployment, abstract models) and KV bytes/token per preset."""
-    out = {}
-    org = {c.name: (param_bytes(quantized_structure(c, "org")),
-                    param_bytes(quantized_structure(c, "org"), True)) for c in (cfg, full_cfg)}
-    for p in ["org"] + presets:
-        pre = get_preset(p)
-        row = {}
-        for key, c in (("", cfg), ("full_", full_cfg)):
-            s = quantized_structure(c, pre)
-            whole, lin = param_bytes(s), param_bytes(s, True)
-            row.update({f"{key}param_bytes": whole, f"{key}linear_bytes": lin,
-                        f"{key}param_ratio": whole / org[c.name][0],
-                        f"{key}linear_ratio": lin / org[c.name][1],
-                        f"{key}kv_bytes_per_token": KVFormat(
-                            c.num_layers, c.num_kv_heads, c.head_dim, pre.kv).bytes_per_token})
-        out[p] = row
+    out = {p: {} for p in ["org"] + presets}
+    for key, c in (("", cfg), ("full_", full_cfg)):
+        for p in out:
+            s = quantized_structure(c, p)
+            out[p].update({f"{key}param_bytes": param_bytes(s),
+                           f"{key}linear_bytes": param_bytes(s, True),
+                           f"{key}kv_bytes_per_token": KVFormat(
+                               c.num_layers, c.num_kv_heads, c.head_dim,
+                               get_preset(p).kv).bytes_per_token})
+        for p in out:
+            for what in ("param", "linear"):
+                out[p][f"{key}{what}_ratio"] = (out[p][f"{key}{what}_bytes"]
+                                                / out["org"][f"{key}{what}_bytes"])
     return out
 
 

@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from fineserve_jax.formats import KVFormat
 from pallas_kernels import kv_unpack, tile_math
 from pallas_kernels.tile_math import check_triton_format, is_pow2
+from pallas_kernels.triton_compat import SQUEEZED as _S
 from pallas_kernels.triton_compat import compiler_params, load
 
 __all__ = ["decode_attention_triton", "default_num_splits"]
@@ -136,16 +137,16 @@ def decode_attention_triton(q: jax.Array, kv_view: jax.Array, block_tables: jax.
         kernel,
         grid=grid,
         in_specs=[
-            pl.BlockSpec((None, None, e, gp, dw), lambda b_, h_, s_: (b_, h_, 0, 0, 0)),
+            pl.BlockSpec((_S, _S, e, gp, dw), lambda b_, h_, s_: (b_, h_, 0, 0, 0)),
             pl.no_block_spec,  # arena view: whole array, addressed in-kernel
             pl.no_block_spec,  # block tables
             pl.no_block_spec,  # lengths
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, e, gp, dw),
+            pl.BlockSpec((_S, _S, _S, e, gp, dw),
                          lambda b_, h_, s_: (b_, h_, s_, 0, 0, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda b_, h_, s_: (b_, h_, s_, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda b_, h_, s_: (b_, h_, s_, 0)),
+            pl.BlockSpec((_S, _S, _S, gp), lambda b_, h_, s_: (b_, h_, s_, 0)),
+            pl.BlockSpec((_S, _S, _S, gp), lambda b_, h_, s_: (b_, h_, s_, 0)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((bsz, h, num_splits, e, gp, dw), jnp.float32),

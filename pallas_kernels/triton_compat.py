@@ -6,6 +6,7 @@
 - `load`/`store` (masked loads with `other`) live in `jax.experimental.pallas.triton` in 0.10
   and 0.11 (older releases had `pl.load`/`pl.store`).
 - `dot` is `jax.experimental.pallas.triton.dot` in 0.10 (older: `pl.dot`).
+- Squeezed block dims: `pl.squeezed` (0.10+); `None` meant the same in older releases.
 - Interpret mode: Pallas GPU kernels cannot run on the CPU backend except interpreted, so
   `interpret=None` means "interpret when the default backend is CPU".
 """
@@ -16,7 +17,7 @@ import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["compiler_params", "load", "store", "dot", "resolve_interpret", "on_gpu"]
+__all__ = ["compiler_params", "load", "store", "dot", "SQUEEZED", "resolve_interpret", "on_gpu"]
 
 
 def _first_attr(name_list, *modules):
@@ -33,6 +34,7 @@ _CompilerParams = _first_attr(("CompilerParams", "TritonCompilerParams"), plgpu,
 load = _first_attr(("load",), plgpu, pl)
 store = _first_attr(("store",), plgpu, pl)
 dot = _first_attr(("dot",), plgpu, pl)
+SQUEEZED = getattr(pl, "squeezed", None)
 
 
 def compiler_params(num_warps: int = 4, num_stages: int = 2):

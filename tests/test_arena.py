@@ -220,3 +220,39 @@ def test_prefill_reference_matches_decode_per_token():
         one = decode_attention(q[i:i + 1], batch.view, jnp.asarray(batch.block_tables[b:b + 1]),
                                jnp.array([p + 1], jnp.int32), fmt=fmt, layer=0)
         np.testing.assert_allclose(np.asarray(got[i]), np.asarray(one[0]), atol=1e-6)
+
+
+def test_engine_like_step_updates_arena_in_place():
+    """Per layer: write the new token's K/V, then attend over the view; arena donated.
+
+    As in a transformer, layer l+1's K/V depend on layer l's attention output: that data
+    dependency is what lets XLA order layer l's reads before layer l+1's in-place write.
+    (Without it, XLA's copy insertion copies the whole arena between the two: measured with
+    JAX 0.10.2 on CPU; see WORKSPACE_NOTES.md "Device arena".)
+    """
+    fmt = _fmt("int4", layers=3)
+    arena = A.make_arena(32, fmt.block_bytes * 8)
+
+    def step(arena, q, k, v, tables, lengths, slot_block, slot_offset):
+        outs = []
+        for layer in range(fmt.num_layers):
+            if outs:
+                k = k + outs[-1][:, :fmt.num_kv_heads, :]
+            arena = A.write_kv(arena, fmt, layer, k, v, slot_block, slot_offset)
+            outs.append(decode_attention(q, A.typed_view(arena, fmt), tables, lengths, fmt=fmt,
+                                         layer=layer))
+        return arena, outs
+
+    q = jnp.ones((2, 4, 16), jnp.float32)
+    k = jnp.ones((2, 2, 16), jnp.float32)
+    args = (arena, q, k, k, jnp.array([[3, 4], [5, 0]], jnp.int32), jnp.array([6, 1], jnp.int32),
+            jnp.array([4, 5], jnp.int32), jnp.array([1, 0], jnp.int32))
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(*args).compile()
+    assert "input_output_alias" in compiled.as_text()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        assert mem.temp_size_in_bytes < arena.size * 4 // 8, mem
+    ptr = arena.unsafe_buffer_pointer()
+    new_arena, outs = compiled(*args)
+    assert new_arena.unsafe_buffer_pointer() == ptr
+    assert all(np.all(np.isfinite(np.asarray(o))) for o in outs)

@@ -12,6 +12,10 @@ which slab belongs to which format is the allocator's business.
 
 Every updating function returns the new arena; call it under `jit` with the arena donated
 (`donate_argnums`) and XLA updates the buffer in place (tests/test_arena.py proves it).
+In a step that writes layer l, reads it (attention), then writes layer l+1, the layer l+1
+write must data-depend on layer l's reads (in a transformer it does: its K/V come from layer
+l's output); two writes with a read of the intermediate arena that nothing orders before the
+second write make XLA copy the whole arena to keep that read valid.
 """
 
 from __future__ import annotations

@@ -43,6 +43,11 @@ DEFAULT_CALIBRATION_LEN = 64
 DEFAULT_CALIBRATION_SEED = 0
 DEFAULT_MAX_TOKENS = 512  # rows of X per projection used by the search
 DEFAULT_GRID = 11  # alphas 0, 0.1, ..., 1.0
+# Output columns used by the search. Every format quantizes output columns independently
+# (groups run along the input dim; per-channel scales are per column), so a column subset
+# gives exactly those columns' errors: an unbiased estimate of the loss at a fraction of the
+# cost (a 14336-wide MLP projection is searched on 1024 columns, 14x cheaper on CPU).
+DEFAULT_MAX_COLUMNS = 1024
 SCALE_MIN = 1e-4  # AWQ's clamp: a dead channel must not get a zero scale
 
 
@@ -117,12 +122,17 @@ def _output_mse(layer_cls, group_size, kernel, x, act_scale, target):
 
 
 def search_act_scale(kernel: jax.Array, x: np.ndarray, layer_cls, group_size: int,
-                     n_grid: int = DEFAULT_GRID) -> Tuple[np.ndarray, float, float, float]:
+                     n_grid: int = DEFAULT_GRID, max_columns: Optional[int] = DEFAULT_MAX_COLUMNS
+                     ) -> Tuple[np.ndarray, float, float, float]:
     """Grid-search alpha for one projection.
 
     kernel [in, out] (model dtype), x float32 [N, in] calibration inputs. Returns
-    (act_scale float32 [in], alpha, rtn_mse, best_mse) on the calibration rows.
+    (act_scale float32 [in], alpha, rtn_mse, best_mse) on the calibration rows (and on
+    `max_columns` evenly spaced output columns when out is wider; None: all columns).
     """
+    out = kernel.shape[1]
+    if max_columns is not None and out > max_columns:
+        kernel = jnp.asarray(kernel)[:, np.linspace(0, out - 1, max_columns).round().astype(int)]
     x32 = jnp.asarray(x, jnp.float32)
     target = jnp.dot(x32, jnp.asarray(kernel, jnp.float32), precision=jax.lax.Precision.HIGHEST)
     x_in = x32.astype(kernel.dtype)  # what the layer sees when served
@@ -135,7 +145,7 @@ def search_act_scale(kernel: jax.Array, x: np.ndarray, layer_cls, group_size: in
         if rtn is None:
             rtn = err
         if best is None or err < best[2]:
-            best = (s, float(alpha), err)
+            best = (s, round(float(alpha), 6), err)
     return best[0], best[1], rtn, best[2]
 
 
@@ -153,7 +163,8 @@ class AwqResult:
 def search_act_scales(module, layer_cls, group_size: int,
                       calibration: Optional[np.ndarray] = None, *,
                       n_grid: int = DEFAULT_GRID,
-                      max_tokens: int = DEFAULT_MAX_TOKENS) -> AwqResult:
+                      max_tokens: int = DEFAULT_MAX_TOKENS,
+                      max_columns: Optional[int] = DEFAULT_MAX_COLUMNS) -> AwqResult:
     """AWQ scales for every projection of a float `Transformer` (left unchanged).
 
     calibration: int token ids [n_seqs, seq_len]; None -> `default_calibration(vocab)`.
@@ -167,7 +178,8 @@ def search_act_scales(module, layer_cls, group_size: int,
     res = AwqResult({}, {}, {}, {})
     for path, parent, name in projection_layers(module):
         kernel = getattr(parent, name).kernel[...]
-        s, alpha, rtn, best = search_act_scale(kernel, inputs[path], layer_cls, group_size, n_grid)
+        s, alpha, rtn, best = search_act_scale(kernel, inputs[path], layer_cls, group_size,
+                                               n_grid, max_columns)
         res.scales[path], res.alphas[path] = s, alpha
         res.rtn_mse[path], res.awq_mse[path] = rtn, best
     return res

@@ -95,10 +95,11 @@ class LocalScheduler:
         return max(-(-tokens // t) - len(seq.block_ids), 0)
 
     def _grow(self, seq: RequestState, tokens: int) -> None:
-        n = self._blocks_needed(seq, tokens)
-        if n:
-            seq.block_ids += self._alloc_of[seq.model].allocate(
-                block_bytes=self.models[seq.model].block_bytes, num_blocks=n)
+        e = self.models[seq.model]  # (inlined _blocks_needed: this runs for every decode row)
+        n = -(-tokens // e.tokens_per_block) - len(seq.block_ids)
+        if n > 0:
+            seq.block_ids += self._alloc_of[seq.model].allocate(block_bytes=e.block_bytes,
+                                                                num_blocks=n)
 
     def release(self, seq: RequestState) -> None:
         """Free a sequence's blocks and forget it (it ended or was preempted)."""
@@ -241,6 +242,7 @@ class LocalScheduler:
             plan = self._decode_plan(dm, decodable, preempted)
             if plan:
                 return plan
+            decodable = None  # it preempted sequences: recompute below
         # Prefill the model whose most urgent request has the least slack.
         best, best_slack = None, None
         for m, seqs in self.running.items():
@@ -254,7 +256,8 @@ class LocalScheduler:
             plan = self._prefill_plan(best, now, True)
             if plan:
                 return plan
-        decodable = self._decodable()
+        if decodable is None:  # else unchanged: planning a prefill does not change sequences
+            decodable = self._decodable()
         dm = pick_decode_model(decodable, self._last_step_s)
         return self._decode_plan(dm, decodable, preempted) if dm else None
 
@@ -266,16 +269,18 @@ class LocalScheduler:
             if s.status is not Status.RUNNING:
                 continue
             s.num_computed += n
-            if s.num_computed < s.num_tokens:
+            num_tokens = s.num_tokens  # (once: this loop runs for every row of every step)
+            if s.num_computed < num_tokens:
                 continue  # a prefill chunk that is not the last: no token yet
-            s.output_token_ids.append(int(tok))
+            tok = int(tok)
+            s.output_token_ids.append(tok)
             s.token_times_s.append(now)
             if s.first_token_s is None:
                 s.first_token_s = now
             reason = None
-            if int(tok) in s.stop_ids:
+            if tok in s.stop_ids:
                 reason = "stop"
-            elif len(s.output_token_ids) >= s.sampling.max_tokens or s.num_tokens >= s.max_len:
+            elif len(s.output_token_ids) >= s.sampling.max_tokens or num_tokens + 1 >= s.max_len:
                 reason = "length"
             if reason:
                 self.release(s)

@@ -148,13 +148,24 @@ class _Facts:
         return p if p.rate == rate else p.with_rate(rate)
 
     def copies(self) -> List[_Copy]:
-        """Step 3: split each model into replicas so one copy alone stays below target load."""
+        """Step 3: split each model into copies so one copy alone stays below the target load.
+
+        For every tp from the base tp up, dp(tp) = copies needed at that tp; the (tp, dp) with
+        the least weight memory (dp x weights) wins, the smaller tp on ties: a bigger TP group
+        is often cheaper than a second copy of the weights (FineServe picks the TP/DP
+        candidate that needs the least memory). A copy then needs a device of at least that tp.
+        """
         out = []
         for name, m in self.models.items():
-            tp = self.base_tp[name]
-            work = self.profile(name, tp, m.rate).work_s
-            n = max(1, math.ceil(m.rate * work / self.cfg.target_load - 1e-9))
-            n = min(n, max(1, self.cluster.num_gpus // tp))
+            best = None
+            for tp in sorted(t for t in self.cfg.tp_choices
+                             if self.base_tp[name] <= t <= self.cluster.gpus_per_node):
+                work = self.profile(name, tp, m.rate).work_s
+                n = max(1, math.ceil(m.rate * work / self.cfg.target_load - 1e-9))
+                n = min(n, max(1, self.cluster.num_gpus // tp))
+                if best is None or (n < best[1] and n * tp <= self.cluster.num_gpus):
+                    best = (tp, n)  # fewer copies = less weight memory
+            tp, n = best
             out += [_Copy(m, tp, m.rate / n, self.slo[name]) for _ in range(n)]
         return out
 

@@ -1,0 +1,95 @@
+"""Simulator configuration and the systems compared in the experiments. Pure Python.
+
+A *system* is a placement policy plus a device configuration: how KV memory is shared and how
+the local scheduler admits and batches. The baselines are configurations of the same
+simulator, never separate code paths:
+
+    fineserve         FineServe placement, one shared KV arena (KV slab), deadline admission,
+                      SLO-aware adaptive batching (saab) that drops hopeless requests
+    muxserve          MuxServe-style greedy placement, static per-model KV partitions, FCFS
+                      admission, round-robin batching across models, no dropping
+    prism             Prism KV-pressure placement, shared KV arena, deadline admission, FCFS
+                      batching, no dropping
+    spatial           dedicated GPUs per model, static KV, FCFS, no dropping
+  ablations (which half of FineServe matters):
+    fineserve-static  FineServe placement and scheduling, static KV partitions
+    fineserve-rr      FineServe placement, KV slab, round-robin batching, no dropping
+    muxserve-slab     MuxServe placement and batching on a shared KV slab
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict
+
+from fineserve_jax.scheduler.local import SchedulerConfig
+
+KV_MODES = ("slab", "static")
+MiB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+    """How each simulated device runs.
+
+    kv: "slab" (one arena shared by the device's models, memory moves at slab granularity) or
+      "static" (each model its own partition, sized by the plan's kv_partition_bytes).
+    max_prefill_tokens / max_prefill_seqs / max_decode_seqs: the step limits (ModelLimits),
+      like vLLM's max_num_batched_tokens and max_num_seqs.
+    slab_target_bytes: preferred slab size (choose_slab_bytes; at least the largest block).
+    kv_sample_interval_s: KV-use samples every this many simulated seconds.
+    workers: processes simulating devices in parallel (devices are independent given the
+      plan and the routing); 0 = os.cpu_count().
+    """
+
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    kv: str = "slab"
+    max_prefill_tokens: int = 8192
+    max_prefill_seqs: int = 64
+    max_decode_seqs: int = 256
+    slab_target_bytes: int = 64 * MiB
+    kv_sample_interval_s: float = 1.0
+    token_id: int = 7  # every sampled token (ignore_eos: generation runs to max_tokens)
+    workers: int = 1
+
+    def __post_init__(self):
+        if self.kv not in KV_MODES:
+            raise ValueError(f"unknown KV mode {self.kv!r}; valid: {', '.join(KV_MODES)}")
+        for f in ("max_prefill_tokens", "max_prefill_seqs", "max_decode_seqs"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"SimConfig.{f} must be >= 1, got {getattr(self, f)}")
+        if not self.kv_sample_interval_s > 0:
+            raise ValueError(f"kv_sample_interval_s must be > 0, got {self.kv_sample_interval_s}")
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    name: str
+    placement: str  # placement policy (scheduler.placement.POLICIES)
+    sim: SimConfig
+
+    def with_sim(self, **kw) -> "System":
+        return dataclasses.replace(self, sim=dataclasses.replace(self.sim, **kw))
+
+
+_SAAB = SchedulerConfig(admission="deadline", execution="saab", drop=True)
+_RR = SchedulerConfig(admission="fcfs", execution="round_robin", drop=False)
+_FCFS = SchedulerConfig(admission="fcfs", execution="fcfs", drop=False)
+_PRISM = SchedulerConfig(admission="deadline", execution="round_robin", drop=False)
+
+SYSTEMS: Dict[str, System] = {s.name: s for s in (
+    System("fineserve", "fineserve", SimConfig(scheduler=_SAAB, kv="slab")),
+    System("muxserve", "muxserve", SimConfig(scheduler=_RR, kv="static")),
+    System("prism", "prism", SimConfig(scheduler=_PRISM, kv="slab")),
+    System("spatial", "spatial", SimConfig(scheduler=_FCFS, kv="static")),
+    System("fineserve-static", "fineserve", SimConfig(scheduler=_SAAB, kv="static")),
+    System("fineserve-rr", "fineserve", SimConfig(scheduler=_RR, kv="slab")),
+    System("muxserve-slab", "muxserve", SimConfig(scheduler=_RR, kv="slab")),
+)}
+
+
+def get_system(name: str) -> System:
+    try:
+        return SYSTEMS[name]
+    except KeyError:
+        raise ValueError(f"unknown system {name!r}; valid: {', '.join(SYSTEMS)}") from None

@@ -1,0 +1,24 @@
+"""experiments.kernel_bench runs end to end on a tiny grid (CPU: interpret mode)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernel_bench_quick_smoke(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.kernel_bench", "--quick", "--batches=2",
+           "--contexts=20", "--kv_dtypes=int8", f"--output_dir={tmp_path}"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "kernel_bench.json").read_text())
+    assert report["meta"]["copy_bandwidth_GBps"] > 0
+    [row] = report["results"]
+    assert row["kv_dtype"] == "int8" and row["batch"] == 2 and row["context"] == 20
+    for impl in ("pallas_triton", "reference"):
+        assert row[impl]["time_us"] > 0 and 0 < row[impl]["frac_copy_bw"]
+    assert row["ref_over_kernel"] > 0
+    assert "ref/kernel" in proc.stdout

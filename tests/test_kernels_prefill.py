@@ -1,0 +1,93 @@
+"""Prefill attention kernels vs the jnp reference (Pallas interpret mode on CPU).
+
+Queries are chunks at the end of sequences whose prefix is already in the arena (chunked
+prefill / prefix reuse), packed back to back, followed by padding tokens (q_pos -1). As for
+decode: NaN in every foreign block, and mutants that the comparison must reject.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fineserve_jax.formats import KVFormat
+from fineserve_jax.kvslab import arena as A
+from pallas_kernels import prefill_attention
+from pallas_kernels import testing as T
+from pallas_kernels.prefill_triton import prefill_attention_triton, query_tiles
+
+ATOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def _run_case(kv_dtype, hq, hkv, d, t, lengths, chunks, pad, width, q_tile, blocks_per_step,
+              q_dtype=jnp.float32, seed=0):
+    fmt = KVFormat(num_layers=2, num_kv_heads=hkv, head_dim=d, kv_dtype=kv_dtype,
+                   tokens_per_block=t)
+    batch = T.make_paged_batch(fmt, lengths, width=width, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    q, q_seq, q_pos = T.prefill_queries(batch.lengths, chunks, pad, hq, d, rng, q_dtype)
+    tables = jnp.asarray(batch.block_tables)
+    layer = 1
+
+    kernel = jax.jit(functools.partial(prefill_attention_triton, fmt=fmt, layer=layer,
+                                       interpret=True, q_tile=q_tile,
+                                       blocks_per_step=blocks_per_step))
+    ref = np.asarray(prefill_attention(q, batch.view, tables, q_seq, q_pos, fmt=fmt, layer=layer)
+                     .astype(jnp.float32))
+    foreign = T.foreign_blocks(batch.view.shape[0], batch.owned)
+    poisoned = A.typed_view(A.poison_blocks(batch.arena, fmt, foreign), fmt)
+    out = kernel(q, poisoned, tables, q_seq, q_pos)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out = np.asarray(out.astype(jnp.float32))
+    atol = ATOL[q_dtype]
+    np.testing.assert_allclose(out, ref, atol=atol, rtol=atol)
+    np.testing.assert_array_equal(out[np.asarray(q_pos) < 0], 0.0)
+
+    shifted = np.asarray(kernel(q, batch.view, jnp.asarray(T.shifted_tables(batch.block_tables)),
+                                q_seq, q_pos).astype(jnp.float32))
+    swapped = np.asarray(kernel(q, A.typed_view(T.kv_swapped_arena(batch, layer), fmt), tables,
+                                q_seq, q_pos).astype(jnp.float32))
+    for bad in (shifted, swapped):
+        assert np.all(np.isfinite(bad))
+        assert np.max(np.abs(bad - ref)) > 20 * atol
+
+
+# (kv_dtype, Hq, Hkv, D, tokens/block, lengths, chunk per seq, pad, width, q_tile, blocks/step)
+CASES = {
+    "bf16-mha-full-prompts": ("bf16", 2, 2, 16, 4, [5, 9, 4], [5, 9, 4], 3, 3, 4, 1),
+    "fp8-gqa4-chunks": ("fp8", 8, 2, 16, 8, [8, 17, 3], [8, 6, 1], 2, 3, 2, 2),
+    "int8-gqa8-prefix-reuse": ("int8", 8, 1, 32, 4, [12, 1, 7, 0], [5, 1, 7, 0], 1, 3, 4, 2),
+    "int4-gqa4-one-tile": ("int4", 4, 1, 16, 4, [9, 4], [9, 2], 0, 3, 8, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_prefill_kernel_matches_reference(case):
+    _run_case(*CASES[case])
+
+
+def test_prefill_kernel_bf16_queries_dot_path():
+    """q_tile 16 x group 1 rows and 16-word planes: the tl.dot path, bf16 in and out."""
+    _run_case("bf16", 2, 2, 32, 8, [20, 33], [20, 17], 2, 5, 16, 2, q_dtype=jnp.bfloat16)
+
+
+def test_query_tiles_never_straddle_sequences():
+    q_seq = jnp.array([0, 0, 0, 0, 0, 2, 2, 3, 0, 0], jnp.int32)
+    q_pos = jnp.array([3, 4, 5, 6, 7, 0, 1, 9, -1, -1], jnp.int32)
+    seq, row0, rows = map(np.asarray, query_tiles(q_seq, q_pos, 4, 4))
+    live = rows > 0
+    assert list(zip(seq[live], row0[live], rows[live])) == [(0, 0, 4), (0, 4, 1), (2, 5, 2),
+                                                            (3, 7, 1)]
+    assert len(seq) == 10 // 4 + 1 + 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_dtype,group,t,q_tile", list(itertools.product(
+    ["bf16", "fp8", "int8", "int4"], [1, 4, 8], [4, 8], [2, 8])))
+def test_prefill_full_product(kv_dtype, group, t, q_tile):
+    lengths = [t - 1, t, t + 1, 3 * t + 2]
+    chunks = [t - 1, 2, t + 1, t]
+    _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, chunks, 2, 4, q_tile, 2)
