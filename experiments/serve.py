@@ -36,7 +36,7 @@ _ADMISSION = flags.DEFINE_enum("admission", "deadline", ["deadline", "fcfs", "sh
 _EXECUTION = flags.DEFINE_enum("execution", "saab", ["saab", "round_robin", "fcfs"],
                                "execution policy")
 _DROP = flags.DEFINE_boolean("drop", True, "drop requests whose SLO is unreachable (saab)")
-_ARENA_MB = flags.DEFINE_float("arena_mb", 8.0, "KV arena size (MiB)")
+_ARENA_MB = flags.DEFINE_float("arena_mb", 0.5, "KV arena size (MiB); small on purpose so memory flows between models")
 _MAXLEN = flags.DEFINE_integer("max_model_len", 256, "longest prompt + output")
 _IMPL = flags.DEFINE_string("attention_impl", "auto", "reference | pallas_triton | auto")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "float32 | bfloat16")

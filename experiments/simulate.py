@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import time
 
@@ -53,15 +52,6 @@ _PROFILES = flags.DEFINE_list("profiles", [], "cost-model CSVs (default: the sha
 _WORKERS = flags.DEFINE_integer("workers", 2, "processes simulating devices in parallel (0: all CPUs)")
 _SEED = flags.DEFINE_integer("seed", 0, "workload seed")
 _OUT = flags.DEFINE_string("output_dir", "runs/simulate", "where to write summary.json, plan.json, latency.png")
-
-
-def load_cost(paths):
-    from fineserve_jax.scheduler.cost_model import CostModel
-
-    # Extrapolation warnings (one per group) are expected: ShareGPT prompts are shorter than
-    # the profiled 256..512 tokens. Their counts are in the cost model; keep the log quiet.
-    logging.getLogger("fineserve_jax.scheduler.cost_model").setLevel(logging.ERROR)
-    return CostModel.from_csv(paths) if paths else CostModel.from_profiles()
 
 
 def with_workload_lengths(fleet, requests):
@@ -114,9 +104,10 @@ def main(argv):
     from fineserve_jax.scheduler.plan import PlacementPlan
     from fineserve_jax.sim import get_system, simulate
     from fineserve_jax.sim.fleets import fleet_workload, get_fleet
+    from fineserve_jax.sim.step_cost import load_cost_model
 
     t0 = time.perf_counter()
-    cost = load_cost(_PROFILES.value)
+    cost = load_cost_model(_PROFILES.value)
     system = get_system(_SYSTEM.value)
     fleet = get_fleet(_FLEET.value).scaled(_RATE_SCALE.value)
     over = {k: v for k, v in (("nodes", _NODES.value), ("gpus_per_node", _GPUS.value),

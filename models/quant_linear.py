@@ -25,13 +25,16 @@ Activation quantization (W8A8, W4A8) is dynamic and per token (one float32 scale
 of x, `scale = max|x_row| / qmax`), so an outlier token cannot spoil its neighbours.
 
 Arithmetic conventions (the tests re-implement them in float64 numpy):
-  symmetric  q = clip(round(v / scale), -qmax, qmax),
+  symmetric  q = clip(round(v * (1 / scale)), -qmax, qmax),
              scale = max(amax * f32(1/qmax), SCALE_FLOOR)
-             (fp8: q = cast_e4m3(clip(v / scale, -448, 448)); a plain cast of an
+             (fp8: q = cast_e4m3(clip(v * (1 / scale), -448, 448)); a plain cast of an
              out-of-range value gives NaN, not saturation, hence the clip)
   int4       asymmetric with an integer zero point: v ~= (q - zero) * scale, q and zero in
-             [0, 15], scale = (max - min) * f32(1/15); the range [min, max] of a group is
-             widened to include 0 so that the zero point is representable.
+             [0, 15], scale = (max - min) * f32(1/15), zero = round(-min * (1 / scale));
+             the range [min, max] of a group is widened to include 0 so that the zero
+             point is representable.
+  Divisions by scales are multiplies by the float32 reciprocal (see `_inv`); the AWQ
+  division of x by act_scale too.
   W4A8       QoQ's progressive group quantization (QServe, arXiv 2405.04532): W is first
              quantized per output channel to int8 in the protective range [-119, 119]
              (f32 `weight_scale`), then each group of those int8 values to uint4 with an
@@ -88,10 +91,19 @@ def effective_group_size(in_features: int, group_size: int) -> int:
 # --- the quantizers ------------------------------------------------------------------------
 
 def reciprocal(c: float) -> float:
-    """1/c rounded to float32. Scales are `amax * reciprocal(qmax)`, a multiply, because XLA
-    rewrites a division by a constant into exactly this multiply on some backends and not
-    others; writing it explicitly makes the rounding the same everywhere."""
+    """1/c rounded to float32, for constant divisors (see `_inv`)."""
     return float(np.float32(1.0) / np.float32(c))
+
+
+def _inv(scale: jax.Array) -> jax.Array:
+    """1 / scale (one IEEE division per scale).
+
+    Every division by a per-row/group scale is written as a multiply by its reciprocal:
+    XLA CPU rewrites `v / broadcast(s)` into `v * broadcast(1 / s)` anyway (and other
+    backends may not), which rounds differently at exact ties (e.g. 91 / 14 = 6.5). Writing
+    the multiply explicitly makes every backend and the numpy reference round identically.
+    """
+    return 1.0 / scale
 
 
 def symmetric_quantize(v: jax.Array, fmt: str, axis, qmax: Optional[float] = None):
@@ -104,7 +116,7 @@ def symmetric_quantize(v: jax.Array, fmt: str, axis, qmax: Optional[float] = Non
     qmax = _QMAX[fmt] if qmax is None else qmax
     amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
     scale = jnp.maximum(amax * reciprocal(qmax), SCALE_FLOOR)
-    y = v / scale
+    y = v * _inv(scale)
     if fmt == "fp8":
         q = jnp.clip(y, -qmax, qmax).astype(jnp.float8_e4m3fn)
     else:
@@ -121,10 +133,15 @@ def asymmetric_quantize(v: jax.Array, axis, integer_scale: bool = False):
     """
     lo = jnp.minimum(jnp.min(v, axis=axis, keepdims=True), 0.0)
     hi = jnp.maximum(jnp.max(v, axis=axis, keepdims=True), 0.0)
-    scale = (hi - lo) * reciprocal(INT4_LEVELS)
-    scale = jnp.maximum(jnp.ceil(scale), 1.0) if integer_scale else jnp.maximum(scale, SCALE_FLOOR)
-    zero = jnp.clip(jnp.round(-lo / scale), 0, INT4_LEVELS)
-    q = jnp.clip(jnp.round(v / scale) + zero, 0, INT4_LEVELS)
+    if integer_scale:  # ceil(span / 15) in exact integer arithmetic
+        span = (hi - lo).astype(jnp.int32)
+        levels = int(INT4_LEVELS)
+        scale = jnp.maximum((span + levels - 1) // levels, 1).astype(jnp.float32)
+    else:
+        scale = jnp.maximum((hi - lo) * reciprocal(INT4_LEVELS), SCALE_FLOOR)
+    inv = _inv(scale)
+    zero = jnp.clip(jnp.round(-lo * inv), 0, INT4_LEVELS)
+    q = jnp.clip(jnp.round(v * inv) + zero, 0, INT4_LEVELS)
     return q.astype(jnp.uint8), scale, zero.astype(jnp.uint8)
 
 
@@ -197,7 +214,7 @@ class QuantLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         if self.act_scale is not None:
-            x32 = x32 / self.act_scale[...]
+            x32 = x32 * _inv(self.act_scale[...])
         y = self._product(x32, x.dtype).astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)

@@ -164,8 +164,8 @@ def test_estimator_closed_form(cost):
     assert e.tpot_s == pytest.approx(p.decode_base_s / (1 - rho))
     assert e.kv_demand_bytes["a"] == pytest.approx(10.0 * 338 * e.tpot_s * (161 + 169) * fp.kv_bytes_per_token)
     assert e.tokens_per_s == pytest.approx(10.0 * 338) and e.served["a"] == 1.0
-    # Memory-bound: half the demand fits, half the tokens are served.
-    half = estimate_device([p], e.kv_demand_bytes["a"] / 2)
+    # Memory-bound: the arena holds half of the required 2x headroom, half the tokens are served.
+    half = estimate_device([p], e.kv_demand_bytes["a"], kv_headroom=2.0)
     assert half.served["a"] == pytest.approx(0.5) and not half.slo_ok["a"]
     # Overloaded: rho > 1 serves 1 / rho and meets no SLO.
     over = estimate_device([p.with_rate(10.0 / rho * 2)], 50 * GiB)

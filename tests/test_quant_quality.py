@@ -6,6 +6,7 @@ layer's output dominates the residual stream), so these are regression bounds, n
 about real checkpoints.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from fineserve_jax import load_model
 from fineserve_jax.formats import get_preset
@@ -20,6 +22,8 @@ from fineserve_jax.quant import quantize_model
 from fineserve_jax.quant.awq import default_calibration, search_act_scale
 from fineserve_jax.quant.quality import jit_logits, logit_metrics, with_outlier_channels
 from models import quant_linear as ql
+from models.presets import TINY
+from models.transformer import Transformer
 
 EVAL_IDS = default_calibration(320, 4, 32, seed=1)  # held out from the calibration (seed 0)
 
@@ -81,15 +85,19 @@ def test_awq_beats_rtn_on_outlier_channels_layer(cls):
 
 @pytest.mark.parametrize("preset", ["awq", "qoq"])
 def test_awq_beats_rtn_on_outlier_channels_model(preset):
-    org = with_outlier_channels(load_model("tiny-llama", dtype="float32", seed=0).module)
-    ref = jit_logits(org, EVAL_IDS)
-    import dataclasses
+    """A 256-wide tiny-llama with 8 residual channels x20 in every RMSNorm weight.
 
+    Measured awq/RTN ratios (seed 0): rel_err 0.85 (awq), 0.81 (qoq); KL 0.71, 0.66. On the
+    64-wide model one 64-group spans the whole input and the gain is smaller (0.82-0.95).
+    """
+    cfg = TINY["tiny-llama"].replace(hidden_size=256, intermediate_size=512, head_dim=64)
+    org = with_outlier_channels(Transformer(cfg, rngs=nnx.Rngs(0)))
+    ref = jit_logits(org, EVAL_IDS)
     rtn_preset = dataclasses.replace(get_preset(preset), awq=False)
     rtn = logit_metrics(ref, jit_logits(quantize_model(org, rtn_preset), EVAL_IDS))
     awq = logit_metrics(ref, jit_logits(quantize_model(org, preset), EVAL_IDS))
-    assert awq["rel_err"] < 0.9 * rtn["rel_err"], (awq, rtn)
-    assert awq["kl"] < rtn["kl"]
+    assert awq["rel_err"] < 0.92 * rtn["rel_err"], (awq, rtn)
+    assert awq["kl"] < 0.85 * rtn["kl"], (awq, rtn)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -97,13 +105,13 @@ def test_outliers_through_every_preset_stay_finite(dtype):
     """Embedding rows of +-1e4 (activations of that size) and Cauchy-tailed weights."""
     base = load_model("tiny-llama", dtype=dtype, seed=0).module
     dt = base.embed_tokens[...].dtype
-    emb = np.asarray(base.embed_tokens[...], np.float32)
+    emb = np.array(base.embed_tokens[...], np.float32)
     emb[5] = np.where(np.arange(64) % 2, 1e4, -1e4)
     base.embed_tokens.set_value(jnp.asarray(emb, dt))
     rng = np.random.default_rng(0)
     for layer in base.layers:
         for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
-            k = np.asarray(lin.kernel[...], np.float32)
+            k = np.array(lin.kernel[...], np.float32)
             k += rng.standard_cauchy(k.shape).astype(np.float32) * 0.01 * (rng.random(k.shape) < 0.01)
             lin.kernel.set_value(jnp.asarray(k, dt))
     ids = np.array([[1, 5, 9, 5, 200, 5]])

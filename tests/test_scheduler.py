@@ -126,3 +126,10 @@ def test_unknown_policy_is_a_clear_error():
         SchedulerConfig(execution="x")
     with pytest.raises(ValueError, match="unknown admission policy 'y'"):
         SchedulerConfig(admission="y")
+
+
+def test_host_overhead_benchmark_runs():
+    from experiments.host_overhead import measure
+
+    r = measure(running=32, num_models=4, iters=50)
+    assert r["running_requests"] == 32 and r["iterations"] == 50 and r["mean_ms"] > 0

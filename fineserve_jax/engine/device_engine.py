@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
@@ -67,7 +67,7 @@ class Engine:
                  arena_bytes: int = 16 << 20, tokens_per_block: int = 16,
                  max_model_len: int = 512, buckets: Optional[Buckets] = None,
                  scheduler: SchedulerConfig = SchedulerConfig(), attention_impl: str = "auto",
-                 dtype: str = "float32", seed: int = 0, slab_target_bytes: int = 256 << 10,
+                 dtype: str = "float32", seed: int = 0, slab_target_bytes: int = 64 << 10,
                  compilation_cache_dir: Optional[str] = None,
                  profile_reps: int = 2):
         if compilation_cache_dir:
@@ -196,8 +196,12 @@ class Engine:
         return seq
 
     # -- one iteration ----------------------------------------------------------------------
-    def step(self) -> bool:
-        """Run one scheduler iteration; returns False when there was nothing to run."""
+    def step(self, while_device_runs: Optional[Callable[[], None]] = None) -> bool:
+        """Run one scheduler iteration; returns False when there was nothing to run.
+
+        `while_device_runs` is host work done between dispatching the step and reading its
+        tokens back (the engine's own loop takes in new arrivals there).
+        """
         now = self.now()
         out = self.scheduler.schedule(now)
         for s in out.dropped:
@@ -219,6 +223,8 @@ class Engine:
         tokens.copy_to_host_async()
         # Overlap: while the device runs, the host samples KV use and takes in arrivals.
         self.kv_samples.append((now, self.allocator.used_bytes, self._reserved_bytes()))
+        if while_device_runs is not None:
+            while_device_runs()
         host_tokens = np.asarray(tokens)
         self.cost.observe(plan.model, plan.kind, size, time.perf_counter() - t0)
         done = self.scheduler.on_step_done(plan, host_tokens[: len(plan.seqs)].tolist(), self.now())
@@ -242,18 +248,23 @@ class Engine:
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=len(requests), unit="req", desc="serving")
+            bar = tqdm(total=len(requests), unit="req", desc="serving", mininterval=1.0)
         self.reset_clock()
         nxt = 0
         ended_before = len(self._ended)
-        while True:
+
+        def take_arrivals():
+            nonlocal nxt
             now = self.now()
             while nxt < len(order) and (not realtime or requests[order[nxt]].arrival_s <= now):
                 i = order[nxt]
                 req = requests[i] if realtime else dataclasses.replace(requests[i], arrival_s=now)
                 states[i] = self.submit(req)
                 nxt += 1
-            ran = self.step()
+
+        while True:
+            take_arrivals()
+            ran = self.step(while_device_runs=take_arrivals)
             if bar is not None:
                 bar.update(len(self._ended) - ended_before - bar.n)
             if not ran:

@@ -23,7 +23,9 @@ model at the device's tp):
 
 When the KV demand exceeds the arena, concurrency (and so throughput) shrinks: a shared
 arena (KV slab) serves every model the fraction arena / demand; static partitions serve
-model m the fraction partition_m / demand_m. Overload (rho >= 1) serves 1 / rho.
+model m the fraction partition_m / demand_m. Overload (rho >= 1) serves 1 / rho. The demand
+is a mean; lengths are heavy-tailed and arrivals bursty, so memory is compared against
+`kv_headroom` x the mean demand (2 by default: with less, the simulated devices preempt).
 """
 
 from __future__ import annotations
@@ -111,11 +113,12 @@ class DeviceEstimate:
 
 def estimate_device(profiles: Sequence[ModelProfile], kv_arena_bytes: float,
                     partitions: Optional[Mapping[str, float]] = None,
-                    max_load: float = 0.9) -> DeviceEstimate:
+                    max_load: float = 0.9, kv_headroom: float = 2.0) -> DeviceEstimate:
     """Predict the steady state of `profiles` sharing one device (see the module docstring).
 
     partitions: static per-model KV bytes (baselines); None: one shared arena.
     max_load: a model meets its SLO only if rho <= max_load (queueing blows up near 1).
+    kv_headroom: memory must hold this multiple of the mean KV demand.
     """
     active = [p for p in profiles if p.rate > 0]
     rho = sum(p.rate * p.work_s for p in active)
@@ -129,14 +132,15 @@ def estimate_device(profiles: Sequence[ModelProfile], kv_arena_bytes: float,
         demand[p.name] = conc * p.kv_bytes_per_request if p.rate > 0 else 0.0
     served = {}
     total = sum(demand.values())
+    h = kv_headroom
     for p in profiles:
         if not math.isfinite(tau):
             mem = 1.0  # overloaded: the queue, not memory, is the limit (served = 1 / rho)
         elif partitions is not None:
             room = partitions.get(p.name, 0.0)
-            mem = 1.0 if demand[p.name] <= room else room / demand[p.name]
+            mem = 1.0 if h * demand[p.name] <= room else room / (h * demand[p.name])
         else:
-            mem = 1.0 if total <= kv_arena_bytes else kv_arena_bytes / total
+            mem = 1.0 if h * total <= kv_arena_bytes else kv_arena_bytes / (h * total)
         served[p.name] = min(mem, over)
     mean_pf = rho_p / sum(p.rate for p in active) if active else 0.0
     wait = rho_p / (1.0 - rho_p) * mean_pf if rho_p < 1.0 else INF

@@ -85,8 +85,11 @@ class PlacementConfig:
     slo_scale: float = 40.0  # default SLO = scale x TTFT(903 tokens) + 4 ms (FineServe)
     target_load: float = 0.7  # replicas keep a copy alone below this load
     max_load: float = 0.9  # a device above this load is predicted to miss SLOs
+    kv_headroom: float = 2.0  # KV memory must hold this multiple of the mean predicted demand
     max_partitions: int = 300  # cap on enumerated TP-group partitions
     replicate_leftover: bool = True  # fill unused GPUs with replicas
+    refine_partitions: int = 3  # best greedy partitions refined by local search
+    local_search_rounds: int = 3  # passes of single-copy moves
 
 
 # --------------------------------------------------------------------------------------
@@ -150,22 +153,26 @@ class _Facts:
     def copies(self) -> List[_Copy]:
         """Step 3: split each model into copies so one copy alone stays below the target load.
 
-        For every tp from the base tp up, dp(tp) = copies needed at that tp; the (tp, dp) with
-        the least weight memory (dp x weights) wins, the smaller tp on ties: a bigger TP group
-        is often cheaper than a second copy of the weights (FineServe picks the TP/DP
-        candidate that needs the least memory). A copy then needs a device of at least that tp.
+        For every tp from the base tp up, dp(tp) = copies needed at that tp; the (tp, dp) that
+        needs the fewest GPUs (tp x dp) wins, then the fewest copies (each copy holds all the
+        weights again), then the smaller tp. A copy needs a device of at least that tp.
         """
         out = []
         for name, m in self.models.items():
-            best = None
+            best, fallback = None, None
             for tp in sorted(t for t in self.cfg.tp_choices
                              if self.base_tp[name] <= t <= self.cluster.gpus_per_node):
                 work = self.profile(name, tp, m.rate).work_s
                 n = max(1, math.ceil(m.rate * work / self.cfg.target_load - 1e-9))
-                n = min(n, max(1, self.cluster.num_gpus // tp))
-                if best is None or (n < best[1] and n * tp <= self.cluster.num_gpus):
-                    best = (tp, n)  # fewer copies = less weight memory
-            tp, n = best
+                if tp * n <= self.cluster.num_gpus:
+                    key = (tp * n, n, tp)
+                    best = key if best is None or key < best else best
+                else:  # too hot for the cluster: as many copies as fit, least load per copy
+                    cap = max(1, self.cluster.num_gpus // tp)
+                    key = (m.rate * work / cap, tp)
+                    if fallback is None or key < fallback[0]:
+                        fallback = (key, cap, tp)
+            n, tp = (best[1], best[2]) if best is not None else fallback[1:]
             out += [_Copy(m, tp, m.rate / n, self.slo[name]) for _ in range(n)]
         return out
 
@@ -204,8 +211,9 @@ class _Dev:
     def estimate(self, extra: Optional[_Copy] = None) -> DeviceEstimate:
         if extra is None and self.est is not None:
             return self.est
-        e = estimate_device(self.profiles(extra), self.arena_bytes(extra),
-                            max_load=self.facts.cfg.max_load)
+        cfg = self.facts.cfg
+        e = estimate_device(self.profiles(extra), self.arena_bytes(extra), max_load=cfg.max_load,
+                            kv_headroom=cfg.kv_headroom)
         if extra is None:
             self.est = e
         return e
@@ -330,6 +338,32 @@ def _greedy(policy: str, copies: List[_Copy], devs: List[_Dev], facts: _Facts) -
     return None
 
 
+def _improve(policy: str, devs: List[_Dev], rounds: int) -> tuple:
+    """Local search after the greedy pass: move single copies between devices (empty ones
+    included) while the policy's own objective improves. Returns the final objective."""
+    key = _objective(policy, devs)
+    for _ in range(rounds):
+        improved = False
+        for src in devs:
+            for c in list(src.copies):
+                for dst in devs:
+                    if dst is src or not dst.can_take(c):
+                        continue
+                    src.copies.remove(c)
+                    src.est = None
+                    dst.add(c)
+                    new = _objective(policy, devs)
+                    if new > key:
+                        key, improved = new, True
+                        break
+                    dst.copies.remove(c)
+                    dst.est = None
+                    src.add(c)
+        if not improved:
+            break
+    return key
+
+
 def _fill_leftover(devs: List[_Dev], facts: _Facts) -> None:
     """Add replicas of the most loaded models onto empty devices (rates re-split evenly)."""
     while True:
@@ -383,19 +417,25 @@ def _aligned_slots(cluster: ClusterSpec):
 
 
 def _spatial(copies: List[_Copy], facts: _Facts, cluster: ClusterSpec) -> List[_Dev]:
-    # Too many replicas for the cluster: drop replicas of the most replicated models first.
+    # Too many GPUs wanted: drop replicas of the most replicated models first.
     by_model: Dict[str, List[_Copy]] = {}
     for c in copies:
         by_model.setdefault(c.model.name, []).append(c)
+    # Then shrink TP groups chosen above a model's base tp (slower, but it fits).
     while sum(c.base_tp for v in by_model.values() for c in v) > cluster.num_gpus:
         name = max((n for n, v in by_model.items() if len(v) > 1),
                    key=lambda n: (len(by_model[n]), n), default=None)
-        if name is None:
+        if name is not None:
+            v = by_model[name]
+            v.pop()
+            for c in v:
+                c.rate = c.model.rate / len(v)
+            continue
+        wide = [c for v in by_model.values() for c in v if c.base_tp > facts.base_tp[c.model.name]]
+        if not wide:
             break
-        v = by_model[name]
-        v.pop()
-        for c in v:
-            c.rate = c.model.rate / len(v)
+        c = max(wide, key=lambda c: (c.base_tp, c.model.name))
+        c.base_tp //= 2
     allocate = _aligned_slots(cluster)
     devs: List[_Dev] = []
     for c in sorted((c for v in by_model.values() for c in v), key=lambda c: (-c.base_tp, c.model.name)):
@@ -472,23 +512,29 @@ def place(models: Sequence[ServedModel], cluster: ClusterSpec, cost, policy: str
         devs = _spatial(facts.copies(), facts, cluster)
         return _to_plan(policy, devs, facts, cluster, {"partitions_evaluated": 1})
     sizes = [t for t in config.tp_choices if t <= cluster.gpus_per_node]
-    best, best_key, worst_fail, n_eval = None, None, None, 0
-    for partition in cluster_partitions(cluster, sizes, config.max_partitions):
+
+    def evaluate(partition, refine: bool):
         devs = _devices_for(partition, cluster, facts)
-        copies = facts.copies()
-        failed = _greedy(policy, copies, devs, facts)
+        failed = _greedy(policy, facts.copies(), devs, facts)
+        if failed is not None:
+            return None, devs, failed
+        if refine:
+            _improve(policy, devs, config.local_search_rounds)
+        if config.replicate_leftover:
+            _fill_leftover(devs, facts)
+        return _objective(policy, devs), devs, None
+
+    found, worst_fail, n_eval = [], None, 0
+    for partition in cluster_partitions(cluster, sizes, config.max_partitions):
+        key, devs, failed = evaluate(partition, refine=False)
         n_eval += 1
         if failed is not None:
             placed = sum(len(d.copies) for d in devs)
             if worst_fail is None or placed > worst_fail[0]:
                 worst_fail = (placed, failed, partition)
             continue
-        if config.replicate_leftover:
-            _fill_leftover(devs, facts)
-        key = _objective(policy, devs)
-        if best_key is None or key > best_key:
-            best, best_key = (devs, partition), key
-    if best is None:
+        found.append((key, -n_eval, partition, devs))
+    if not found:
         placed, name, partition = worst_fail
         m = facts.models[name]
         total = sum(facts.fp[n].weight_bytes + facts.min_kv[n] for n in facts.models)
@@ -497,6 +543,14 @@ def place(models: Sequence[ServedModel], cluster: ClusterSpec, cost, policy: str
             f"of {n_eval} TP-group partitions (best partition {partition} placed {placed} copies "
             f"first); the fleet needs {total / GiB:.1f} GiB of weights + minimum KV, the cluster "
             f"offers {cluster.num_gpus * cluster.usable_bytes_per_gpu / GiB:.1f} GiB", name)
+    # The most promising partitions again, with local search between greedy and replicas.
+    found.sort(key=lambda x: x[:2], reverse=True)
+    best_key, _, best_partition, best_devs = found[0]
+    for _, _, partition, _ in found[:config.refine_partitions]:
+        key, devs, _ = evaluate(partition, refine=True)
+        if key > best_key:
+            best_key, best_partition, best_devs = key, partition, devs
+    best = (best_devs, best_partition)
     devs, partition = best
     return _to_plan(policy, devs, facts, cluster,
                     {"partition": [list(p) for p in partition], "partitions_evaluated": n_eval,
@@ -537,7 +591,8 @@ def replan(plan: PlacementPlan, models: Sequence[ServedModel], cost,
             placed = tuple(dataclasses.replace(pm, rate=by_name[pm.name].rate / len(inst[pm.name]),
                                                slo_ttft_s=facts.slo[pm.name]) for pm in d.models)
             profs = [facts.profile(pm.name, d.tp, pm.rate) for pm in placed]
-            est = estimate_device(profs, d.kv_arena_bytes, max_load=config.max_load)
+            est = estimate_device(profs, d.kv_arena_bytes, max_load=config.max_load,
+                                  kv_headroom=config.kv_headroom)
             ok = ok and est.load <= config.max_load and all(est.slo_ok.values())
             devices.append(dataclasses.replace(d, models=placed))
         if ok:

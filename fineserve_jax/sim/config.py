@@ -20,7 +20,7 @@ simulator, never separate code paths:
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
+from typing import Dict, Optional
 
 from fineserve_jax.scheduler.local import SchedulerConfig
 
@@ -37,6 +37,8 @@ class SimConfig:
     max_prefill_tokens / max_prefill_seqs / max_decode_seqs: the step limits (ModelLimits),
       like vLLM's max_num_batched_tokens and max_num_seqs.
     slab_target_bytes: preferred slab size (choose_slab_bytes; at least the largest block).
+    slab_bytes: an exact slab size instead (e.g. an engine's, to mirror it); a multiple of
+      every block size is wasteless.
     kv_sample_interval_s: KV-use samples every this many simulated seconds.
     workers: processes simulating devices in parallel (devices are independent given the
       plan and the routing); 0 = os.cpu_count().
@@ -48,6 +50,7 @@ class SimConfig:
     max_prefill_seqs: int = 64
     max_decode_seqs: int = 256
     slab_target_bytes: int = 64 * MiB
+    slab_bytes: Optional[int] = None
     kv_sample_interval_s: float = 1.0
     token_id: int = 7  # every sampled token (ignore_eos: generation runs to max_tokens)
     workers: int = 1

@@ -83,13 +83,14 @@ class DeviceSim:
         self.arena_bytes = device.kv_arena_bytes
         if config.kv == "slab":
             blocks = [f.block_bytes for f in self.fp.values()]
-            choice = choose_slab_bytes(blocks, target_slab_bytes=max(config.slab_target_bytes, max(blocks)))
-            self.slab_bytes: Optional[int] = choice.slab_bytes
+            slab = config.slab_bytes or choose_slab_bytes(
+                blocks, target_slab_bytes=max(config.slab_target_bytes, max(blocks))).slab_bytes
+            self.slab_bytes: Optional[int] = slab
             self.allocator: Optional[SlabAllocator] = SlabAllocator(
-                num_slabs_for_arena(device.kv_arena_bytes, choice.slab_bytes), choice.slab_bytes)
+                num_slabs_for_arena(device.kv_arena_bytes, slab), slab)
             self.allocators = None
             # Blocks one sequence can ever get: every slab but the null one.
-            self._capacity = {n: (self.allocator.num_slabs - 1) * (choice.slab_bytes // f.block_bytes)
+            self._capacity = {n: (self.allocator.num_slabs - 1) * (slab // f.block_bytes)
                               for n, f in self.fp.items()}
         else:
             self.slab_bytes = None

@@ -49,3 +49,16 @@ class CostModelStepCost:
             return self.prefill_time(plan.model, plan.num_tokens, n, cached)
         context = sum(s.num_computed for s in seqs) / n + 1.0
         return self.decode_time(plan.model, n, context)
+
+
+def load_cost_model(paths=None):
+    """The simulator's cost model: `CostModel.from_csv(paths)`, or the shared FineServe
+    profiles by default. Extrapolation warnings (one per group) are expected (ShareGPT prompts
+    are shorter than the profiled 256..512 tokens; the counts stay in the cost model), so the
+    cost model's logger is set to errors only."""
+    import logging
+
+    from fineserve_jax.scheduler.cost_model import CostModel
+
+    logging.getLogger("fineserve_jax.scheduler.cost_model").setLevel(logging.ERROR)
+    return CostModel.from_csv(list(paths)) if paths else CostModel.from_profiles()

@@ -1,0 +1,174 @@
+"""Validate the simulator against the engine: the same tiny-model workload is served for real
+(CPU here, a GPU when lent) and simulated with step times from a cost model fitted to this
+machine's own profile; report the error of the simulator's median TTFT and TPOT.
+
+    python -m experiments.validate_sim --output_dir=runs/validate
+    python -m experiments.validate_sim --profile_csv=runs/profile/cpu-tiny.csv  # reuse a profile
+
+Steps: (1) build the engine (experiments.serve's default models, arena and buckets; the same
+scheduler as serve: deadline admission + saab); (2) profile it with experiments.profile (or
+read --profile_csv) and fit `CostModel.from_csv`; (3) serve a seeded Poisson workload in real
+time; (4) simulate the same requests on a one-device plan that mirrors the engine (same models
+and presets, arena bytes, slab size, tokens per block, step limits = the bucket limits, same
+scheduler configuration and SLOs); (5) compare. Writes OUTPUT_DIR/validation.json,
+OUTPUT_DIR/profile.csv (when profiled) and OUTPUT_DIR/ttft_tpot.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+from absl import app, flags
+
+from experiments import profile as prof  # shares its flags: --models, --batch_sizes,
+# --input_lens, --reps, --arena_mb, --max_model_len, --attention_impl, --dtype, --seed
+
+_RATES = flags.DEFINE_list("rates", ["6", "3", "1.5"], "per-model request rates (req/s)")
+_NUM = flags.DEFINE_integer("num_requests", 200, "requests in the workload")
+_PROMPT_MEAN = flags.DEFINE_float("prompt_mean", 48, "mean prompt tokens (lognormal)")
+_OUTPUT_MEAN = flags.DEFINE_float("output_mean", 24, "mean output tokens (lognormal)")
+_SLO_SCALE = flags.DEFINE_float("slo_scale", 40.0, "TTFT SLO = scale x profiled TTFT of the P95 prompt + 4 ms")
+_PROFILE = flags.DEFINE_string("profile_csv", None, "use this profile instead of measuring one")
+_OUT = flags.DEFINE_string("output_dir", "runs/validate", "where to write validation.json")
+
+
+def rel_err(sim, real):
+    return None if sim is None or not real else (sim - real) / real
+
+
+def stats(records, model=None):
+    fin = [r for r in records if r.status == "finished" and (model is None or r.model == model)]
+    ttft = [r.ttft_s for r in fin]
+    tpot = [r.tpot_s for r in fin if r.tpot_s is not None]
+    med = lambda v: statistics.median(v) if v else None  # noqa: E731
+    p90 = lambda v: float(np.percentile(v, 90)) if v else None  # noqa: E731
+    return {"finished": len(fin), "ttft_p50_s": med(ttft), "ttft_p90_s": p90(ttft),
+            "tpot_p50_s": med(tpot), "tpot_p90_s": p90(tpot),
+            "dropped": sum(1 for r in records if r.status == "dropped" and (model is None or r.model == model))}
+
+
+def plot(real, sim, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, attr, title in ((axes[0], "ttft_s", "TTFT"), (axes[1], "tpot_s", "TPOT")):
+        for recs, label in ((real, "engine (measured)"), (sim, "simulator")):
+            v = sorted(getattr(r, attr) for r in recs if r.status == "finished" and getattr(r, attr) is not None)
+            if v:
+                ax.plot(np.array(v) * 1e3, np.arange(1, len(v) + 1) / len(v), label=label)
+        ax.set_xlabel(f"{title} (ms)")
+        ax.set_ylabel("CDF")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from fineserve_jax.engine.request import Request
+    from fineserve_jax.engine.sampling_params import SamplingParams
+    from fineserve_jax.scheduler.cost_model import CostModel
+    from fineserve_jax.scheduler.footprint import GiB, footprint
+    from fineserve_jax.scheduler.local import SchedulerConfig
+    from fineserve_jax.scheduler.plan import ClusterSpec, PlacedModel, PlacementPlan, make_device
+    from fineserve_jax.sim import SimConfig, simulate
+    from fineserve_jax.workload import LengthDist, ModelLoad, RequestLengths, generate_workload
+
+    os.makedirs(_OUT.value, exist_ok=True)
+    models = prof.parse_models(prof._MODELS.value)
+    rates = [float(r) for r in _RATES.value]
+    if len(rates) != len(models):
+        raise app.UsageError(f"--rates has {len(rates)} entries for {len(models)} models")
+    sched = SchedulerConfig()  # experiments.serve's defaults: deadline + saab + drop
+    t0 = time.perf_counter()
+    engine = prof.build_engine(models, prof._ARENA_MB.value, prof._MAXLEN.value, prof._IMPL.value,
+                               prof._DTYPE.value, prof._SEED.value, scheduler=sched)
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s on {jax.default_backend()}")
+
+    # (2) the cost model from this machine's profile
+    csv_path = _PROFILE.value
+    if not csv_path:
+        rows = prof.profile_engine(engine, models, [int(x) for x in prof._BATCH.value],
+                                   [int(x) for x in prof._INPUT.value], prof._OUTPUT_LEN.value,
+                                   prof._REPS.value, prof._SEED.value)
+        csv_path = os.path.join(_OUT.value, "profile.csv")
+        prof.write_csv(rows, csv_path)
+    cost = CostModel.from_csv(csv_path)
+
+    # (3) the workload, served for real
+    maxlen = prof._MAXLEN.value
+    lengths = RequestLengths(LengthDist.lognormal(_PROMPT_MEAN.value, 0.8, lo=4, hi=maxlen // 2),
+                             LengthDist.lognormal(_OUTPUT_MEAN.value, 0.8, lo=2, hi=maxlen // 2 - 1))
+    p95 = int(min(maxlen // 2, _PROMPT_MEAN.value * 3))
+    slos = {n: _SLO_SCALE.value * cost.prefill_time(c, p, p95, 1, 0, 1) + 0.004 for n, c, p in models}
+    loads = [ModelLoad(n, r, slos[n], lengths) for (n, _, _), r in zip(models, rates)]
+    wl = generate_workload(loads, num_requests=_NUM.value, seed=prof._SEED.value)
+    rng = np.random.default_rng(prof._SEED.value + 1)
+    reqs = [Request(model=w.model, prompt=[1] + rng.integers(3, 259, size=w.prompt_len - 1).tolist(),
+                    sampling=SamplingParams(max_tokens=int(w.output_len), ignore_eos=True),
+                    arrival_s=w.arrival_s, slo_ttft_s=w.slo_ttft_s, request_id=w.request_id) for w in wl]
+    ids = {w.request_id for w in wl}
+    t1 = time.perf_counter()
+    engine.run(reqs, realtime=True)
+    real = [r for r in engine.records() if r.request_id in ids]
+    print(f"served {len(real)} requests in {time.perf_counter() - t1:.1f} s")
+
+    # (4) the same requests, simulated on a plan that mirrors the engine
+    arena = engine.num_slabs * engine.slab_bytes
+    placed = []
+    for n, c, p in models:
+        fp = footprint(c, p, engine.tokens_per_block)
+        placed.append(PlacedModel(n, c, p, rates[len(placed)], slos[n], fp.weight_bytes,
+                                  fp.min_kv_bytes(maxlen)))
+    cluster = ClusterSpec(1, 1, gpu_memory_bytes=16 * GiB)
+    plan = PlacementPlan(cluster, (make_device(0, [0], placed, cluster, kv_arena_bytes=arena),),
+                         "engine-mirror", max_model_len=maxlen, tokens_per_block=engine.tokens_per_block)
+    b = engine.buckets
+    cfg = SimConfig(scheduler=dataclasses.replace(sched), kv="slab", slab_bytes=engine.slab_bytes,
+                    max_prefill_tokens=b.max_prefill, max_prefill_seqs=b.prefill_seqs,
+                    max_decode_seqs=b.max_decode, workers=1)
+    res = simulate(plan, wl, cost, cfg, system="engine-mirror")
+    sim = res.records
+
+    # (5) compare
+    out = {"backend": jax.default_backend(), "profile_csv": csv_path, "num_requests": len(wl),
+           "overall": {"engine": stats(real), "sim": stats(sim)}, "models": {}}
+    for n, _, _ in models:
+        out["models"][n] = {"engine": stats(real, n), "sim": stats(sim, n)}
+    for block in [out["overall"], *out["models"].values()]:
+        e, s = block["engine"], block["sim"]
+        block["error"] = {k: rel_err(s[k], e[k]) for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")}
+    out["fit"] = cost.fit_report()
+    with open(os.path.join(_OUT.value, "validation.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    plot(real, sim, os.path.join(_OUT.value, "ttft_tpot.png"))
+
+    def ms(x):
+        return "-" if x is None else f"{x * 1e3:8.2f}"
+
+    def pct(x):
+        return "-" if x is None else f"{x * 100:+6.1f}%"
+
+    print(f"{'':<22} {'TTFT p50 ms':>24} {'TPOT p50 ms':>24}")
+    print(f"{'':<22} {'engine':>8} {'sim':>8} {'err':>7} {'engine':>8} {'sim':>8} {'err':>7}")
+    for name, block in [("overall", out["overall"]), *out["models"].items()]:
+        e, s, er = block["engine"], block["sim"], block["error"]
+        print(f"{name:<22} {ms(e['ttft_p50_s'])} {ms(s['ttft_p50_s'])} {pct(er['ttft_p50_s'])} "
+              f"{ms(e['tpot_p50_s'])} {ms(s['tpot_p50_s'])} {pct(er['tpot_p50_s'])}")
+    print(f"wrote {_OUT.value}/validation.json and ttft_tpot.png")
+
+
+if __name__ == "__main__":
+    app.run(main)
