@@ -157,3 +157,18 @@ def test_generate_cli_keeps_order_and_reports_bad_lines(tmp_path):
     assert "max_tokens" in lines[3]["error"]
     assert "prompt" in lines[4]["error"]
     assert "bogus" in lines[5]["error"]
+
+
+@pytest.mark.parametrize("quant", ["org", "qoq"])
+def test_pallas_triton_greedy_tokens_equal_reference(quant):
+    """The Pallas kernels (interpret mode on CPU) drive the engine to the same tokens."""
+    kw = dict(model="tiny-llama", quant=quant, dtype="float32", max_model_len=64,
+              tokens_per_block=4, buckets=Buckets(decode_sizes=(4,), prefill_sizes=(64,),
+                                                  prefill_seqs=4))
+    prompts = PROMPTS[:3]
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    ref = LLM(attention_impl="reference", **kw).generate(prompts, sp)
+    pal = LLM(attention_impl="pallas_triton", **kw)
+    assert pal.engine.impl == "pallas_triton"
+    got = pal.generate(prompts, sp)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
