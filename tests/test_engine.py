@@ -172,3 +172,19 @@ def test_pallas_triton_greedy_tokens_equal_reference(quant):
     assert pal.engine.impl == "pallas_triton"
     got = pal.generate(prompts, sp)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+def test_debug_poison_of_freed_blocks_leaves_outputs_unchanged():
+    """Freed KV is overwritten with NaN in debug mode; no request's tokens change, so no
+    sequence ever reads KV it does not own (with preemption and block reuse going on)."""
+    kw = dict(arena_bytes=160 << 10, slab_target_bytes=16 << 10, max_model_len=128,
+              tokens_per_block=8, buckets=SMALL, scheduler=SchedulerConfig(drop=False))
+    specs = [ModelSpec("a", "tiny-llama", "org"), ModelSpec("b", "tiny-qwen2", "int8_kv8")]
+    reqs = [Request("ab"[i % 2], [1] + [5 + i] * (12 + 2 * i), SamplingParams(max_tokens=60, ignore_eos=True))
+            for i in range(8)]
+    clean = Engine(specs, **kw).run(reqs, realtime=False)
+    eng = Engine(specs, debug_poison=True, **kw)
+    poisoned = eng.run(reqs, realtime=False)
+    assert eng.scheduler.num_preemptions > 0 and eng.steady_state_compiles == 0
+    assert [o.token_ids for o in poisoned] == [o.token_ids for o in clean]
+    assert all(np.isfinite(len(o.token_ids)) and o.status == "finished" for o in poisoned)

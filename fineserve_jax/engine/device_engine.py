@@ -9,7 +9,7 @@ sampled tokens update the requests, and finished ones free their blocks.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -68,7 +68,7 @@ class Engine:
                  max_model_len: int = 512, buckets: Optional[Buckets] = None,
                  scheduler: SchedulerConfig = SchedulerConfig(), attention_impl: str = "auto",
                  dtype: str = "float32", seed: int = 0, slab_target_bytes: int = 64 << 10,
-                 compilation_cache_dir: Optional[str] = None,
+                 compilation_cache_dir: Optional[str] = None, debug_poison: bool = False,
                  profile_reps: int = 2):
         if compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
@@ -123,6 +123,10 @@ class Engine:
                                  ModelLimits(b.max_prefill, b.prefill_seqs, b.max_decode))
                    for n, f in self.formats.items()}
         self.scheduler = LocalScheduler(entries, self.allocator, self.cost, scheduler)
+        self._poison = self._compile_poison() if debug_poison else None
+        if debug_poison:
+            self.scheduler.freed_log = []
+            self._c_ready = compile_count()
         self._next_id = 0
         self._states: Dict[int, RequestState] = {}
         self._ended: List[RequestState] = []
@@ -229,8 +233,32 @@ class Engine:
         self.cost.observe(plan.model, plan.kind, size, time.perf_counter() - t0)
         done = self.scheduler.on_step_done(plan, host_tokens[: len(plan.seqs)].tolist(), self.now())
         self._ended.extend(done)
+        if self._poison is not None:
+            self._poison_freed()
         self.num_steps += 1
         return True
+
+    _POISON_CHUNK = 64
+
+    def _compile_poison(self):
+        """Debug mode: per format, a compiled step that fills freed blocks with NaN bits, so
+        a read of KV a sequence does not own would show in its output."""
+        fns = {}
+        ids = jax.ShapeDtypeStruct((self._POISON_CHUNK,), np.int32)
+        sds = jax.ShapeDtypeStruct(self.arena.shape, self.arena.dtype)
+        for name, fmt in self.formats.items():
+            fn = jax.jit(functools.partial(arena_lib.poison_blocks, fmt=fmt), donate_argnums=0)
+            fns[name] = fn.lower(sds, block_ids=ids).compile()
+        return fns
+
+    def _poison_freed(self) -> None:
+        log, self.scheduler.freed_log = self.scheduler.freed_log, []
+        for model, ids in log:
+            for i in range(0, len(ids), self._POISON_CHUNK):
+                chunk = np.full(self._POISON_CHUNK, np.iinfo(np.int32).max, np.int32)  # dropped
+                part = ids[i : i + self._POISON_CHUNK]
+                chunk[: len(part)] = part
+                self.arena = self._poison[model](self.arena, block_ids=chunk)
 
     def _reserved_bytes(self) -> int:
         return (self.num_slabs - 1 - self.allocator.free_slabs) * self.slab_bytes

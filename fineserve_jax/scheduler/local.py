@@ -79,6 +79,7 @@ class LocalScheduler:
         self._last_step_s: Dict[str, float] = {}
         self._rr = 0
         self.num_preemptions = 0
+        self.freed_log: Optional[List[tuple]] = None  # (model, block ids) when debugging
 
     # -- bookkeeping ------------------------------------------------------------------
     def add(self, seq: RequestState) -> None:
