@@ -13,10 +13,14 @@ import time
 import numpy as np
 from absl import app, flags
 
-_RUNNING = flags.DEFINE_integer("running", 256, "requests kept running")
-_MODELS = flags.DEFINE_integer("models", 4, "models on the device")
-_ITERS = flags.DEFINE_integer("iters", 2000, "iterations to time")
-_OUT = flags.DEFINE_string("output_dir", "runs/host_overhead", "where to write the JSON")
+
+def define_flags():
+    """Flags are defined only when run as a script, so tests can import `measure`."""
+    global _RUNNING, _MODELS, _ITERS, _OUT
+    _RUNNING = flags.DEFINE_integer("running", 256, "requests kept running")
+    _MODELS = flags.DEFINE_integer("models", 4, "models on the device")
+    _ITERS = flags.DEFINE_integer("iters", 2000, "iterations to time")
+    _OUT = flags.DEFINE_string("output_dir", "runs/host_overhead", "where to write the JSON")
 
 
 def measure(running=256, num_models=4, iters=2000, seed=0):
@@ -31,7 +35,7 @@ def measure(running=256, num_models=4, iters=2000, seed=0):
     from fineserve_jax.scheduler.step_cost import BucketProfile
 
     per_model = running // num_models
-    buckets = Buckets(decode_sizes=(1, 8, 16, 32, per_model), prefill_sizes=(64, 256, 512),
+    buckets = Buckets(decode_sizes=tuple(sorted({1, 8, 16, 32, per_model})), prefill_sizes=(64, 256, 512),
                       prefill_seqs=8, table_width=128)
     dtypes = ["bf16", "fp8", "int8", "int4"]
     fmts = {f"m{i}": KVFormat(32, 8, 128, dtypes[i % 4], 16) for i in range(num_models)}
@@ -109,4 +113,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

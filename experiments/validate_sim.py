@@ -9,8 +9,8 @@ Steps: (1) build the engine (experiments.serve's default models, arena and bucke
 scheduler as serve: deadline admission + saab); (2) profile it with experiments.profile (or
 read --profile_csv) and fit `CostModel.from_csv`; (3) serve a seeded Poisson workload in real
 time; (4) simulate the same requests on a one-device plan that mirrors the engine (same models
-and presets, arena bytes, slab size, tokens per block, step limits = the bucket limits, same
-scheduler configuration and SLOs); (5) compare. Writes OUTPUT_DIR/validation.json,
+and presets, arena bytes, slab size, tokens per block, step limits = the bucket limits, steps
+charged at their padded bucket size, same scheduler configuration and SLOs); (5) compare. Writes OUTPUT_DIR/validation.json,
 OUTPUT_DIR/profile.csv (when profiled) and OUTPUT_DIR/ttft_tpot.png.
 """
 
@@ -138,7 +138,8 @@ def main(argv):
     b = engine.buckets
     cfg = SimConfig(scheduler=dataclasses.replace(sched), kv="slab", slab_bytes=engine.slab_bytes,
                     max_prefill_tokens=b.max_prefill, max_prefill_seqs=b.prefill_seqs,
-                    max_decode_seqs=b.max_decode, workers=1)
+                    max_decode_seqs=b.max_decode, prefill_buckets=tuple(b.prefill_sizes),
+                    decode_buckets=tuple(b.decode_sizes), workers=1)
     res = simulate(plan, wl, cost, cfg, system="engine-mirror")
     sim = res.records
 

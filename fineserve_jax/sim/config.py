@@ -20,7 +20,7 @@ simulator, never separate code paths:
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from fineserve_jax.scheduler.local import SchedulerConfig
 
@@ -39,6 +39,8 @@ class SimConfig:
     slab_target_bytes: preferred slab size (choose_slab_bytes; at least the largest block).
     slab_bytes: an exact slab size instead (e.g. an engine's, to mirror it); a multiple of
       every block size is wasteless.
+    prefill_buckets / decode_buckets: fixed step shapes to charge (prompt tokens / decode
+      batch rounded up to the next bucket, as in an engine with compiled buckets); None: exact.
     kv_sample_interval_s: KV-use samples every this many simulated seconds.
     workers: processes simulating devices in parallel (devices are independent given the
       plan and the routing); 0 = os.cpu_count().
@@ -51,6 +53,8 @@ class SimConfig:
     max_decode_seqs: int = 256
     slab_target_bytes: int = 64 * MiB
     slab_bytes: Optional[int] = None
+    prefill_buckets: Optional[Tuple[int, ...]] = None
+    decode_buckets: Optional[Tuple[int, ...]] = None
     kv_sample_interval_s: float = 1.0
     token_id: int = 7  # every sampled token (ignore_eos: generation runs to max_tokens)
     workers: int = 1

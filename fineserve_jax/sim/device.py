@@ -76,7 +76,7 @@ class DeviceSim:
         self.presets = {m.name: m.preset for m in device.models}
         self.max_len = {n: f.max_len(max_model_len) for n, f in self.fp.items()}
         self.step_cost = CostModelStepCost(cost, {m.name: (m.config, m.preset) for m in device.models},
-                                           device.tp)
+                                           device.tp, config.prefill_buckets, config.decode_buckets)
         limits = ModelLimits(config.max_prefill_tokens, config.max_prefill_seqs, config.max_decode_seqs)
         entries = {n: ModelEntry(n, self.presets[n], f.block_bytes, tokens_per_block, limits)
                    for n, f in self.fp.items()}

@@ -3,34 +3,52 @@ answered by the cost model at the device's tensor-parallel size. Pure Python."""
 
 from __future__ import annotations
 
-from typing import Mapping, Tuple
+import bisect
+from typing import Mapping, Optional, Sequence, Tuple
 
 from fineserve_jax.scheduler.execution import StepPlan
+
+
+def round_up(n: int, sizes: Optional[Sequence[int]]) -> int:
+    """The smallest of `sizes` (ascending) that holds n; n itself beyond the largest or
+    without sizes."""
+    if not sizes:
+        return n
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else n
 
 
 class CostModelStepCost:
     """`StepCost` over a `CostModel` for the models of one device.
 
     models: served name -> (config name, preset); every model runs at the device's `tp`.
+    prefill_buckets / decode_buckets: an engine that runs fixed shapes (ours: AOT-compiled
+    buckets) pays for the padded size, so token counts / batch sizes are rounded up to the
+    next bucket before the cost model is asked; None (default) charges the exact size.
     The scheduler's predictions and the simulated step durations come from the same model, so
     the scheduler sees a perfectly calibrated cost model; `observe` is therefore a no-op.
     """
 
-    def __init__(self, cost, models: Mapping[str, Tuple[str, str]], tp: int = 1):
+    def __init__(self, cost, models: Mapping[str, Tuple[str, str]], tp: int = 1,
+                 prefill_buckets: Optional[Sequence[int]] = None,
+                 decode_buckets: Optional[Sequence[int]] = None):
         self.cost = cost
         self.tp = int(tp)
         self._m = dict(models)
+        self._pb = sorted(prefill_buckets) if prefill_buckets else None
+        self._db = sorted(decode_buckets) if decode_buckets else None
 
     def prefill_time(self, model: str, num_tokens: int, num_seqs: int = 1, context: float = 0.0) -> float:
         """Seconds to prefill `num_tokens` tokens over `num_seqs` sequences with `context`
         cached tokens each."""
         config, preset = self._m[model]
-        return self.cost.prefill_time(config, preset, num_tokens, max(int(num_seqs), 1), context, self.tp)
+        return self.cost.prefill_time(config, preset, round_up(num_tokens, self._pb), max(int(num_seqs), 1),
+                                      context, self.tp)
 
     def decode_time(self, model: str, batch: int, context: float = 0.0) -> float:
         """Seconds of one decode step of `batch` sequences of mean context `context` tokens."""
         config, preset = self._m[model]
-        return self.cost.decode_time(config, preset, batch, context, self.tp)
+        return self.cost.decode_time(config, preset, round_up(batch, self._db), context, self.tp)
 
     def observe(self, model: str, kind: str, size: int, seconds: float) -> None:
         pass
