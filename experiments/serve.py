@@ -42,6 +42,8 @@ _IMPL = flags.DEFINE_string("attention_impl", "auto", "reference | pallas_triton
 _DTYPE = flags.DEFINE_string("dtype", "float32", "float32 | bfloat16")
 _SEED = flags.DEFINE_integer("seed", 0, "workload and sampling seed")
 _OUT = flags.DEFINE_string("output_dir", "runs/serve", "where to write summary.json and the plot")
+_COMPACT = flags.DEFINE_integer(
+    "compaction_interval", 16, "compact KV slabs every N steps while requests wait (0: off)")
 _CACHE = flags.DEFINE_string("compilation_cache_dir", None, "persistent XLA compilation cache")
 
 
@@ -89,7 +91,7 @@ def plot(summary, records, path):
                       if r.model == name and r.first_token_s is not None)
         if ttft:
             ax1.plot(np.array(ttft) * 1e3, np.arange(1, len(ttft) + 1) / len(ttft),
-                     label=f"{name} ({summary['models'][name]['preset']})")
+                     label=name)
     ax1.set_xlabel("TTFT (ms)")
     ax1.set_ylabel("CDF")
     ax1.set_title("Time to first token")
@@ -124,7 +126,7 @@ def main(argv):
         scheduler=SchedulerConfig(admission=_ADMISSION.value, execution=_EXECUTION.value,
                                   drop=_DROP.value),
         attention_impl=_IMPL.value, dtype=_DTYPE.value, seed=_SEED.value,
-        compilation_cache_dir=_CACHE.value)
+        compilation_cache_dir=_CACHE.value, compaction_interval=_COMPACT.value)
     print(f"ready in {time.perf_counter() - t0:.1f}s: {engine.warmup_compiles} compiles, "
           f"arena {engine.num_slabs} slabs x {engine.slab_bytes} B, attention {engine.impl}")
     if _SLO.value:
@@ -142,6 +144,7 @@ def main(argv):
         kv_arena_bytes=engine.num_slabs * engine.slab_bytes, kv_slab_bytes=engine.slab_bytes)
     summary["kv"]["num_slabs"] = engine.num_slabs
     summary["kv"]["preemptions"] = engine.scheduler.num_preemptions
+    summary["kv"]["compaction"] = dict(engine.compaction_stats)
     summary["compile"] = {"warmup_compiles": engine.warmup_compiles,
                           "steady_state_compiles": engine.steady_state_compiles,
                           "warmup_s": engine.warmup_s}

@@ -188,3 +188,31 @@ def test_debug_poison_of_freed_blocks_leaves_outputs_unchanged():
     assert eng.scheduler.num_preemptions > 0 and eng.steady_state_compiles == 0
     assert [o.token_ids for o in poisoned] == [o.token_ids for o in clean]
     assert all(np.isfinite(len(o.token_ids)) and o.status == "finished" for o in poisoned)
+
+
+def test_compaction_frees_slabs_without_changing_outputs():
+    """Under memory pressure the engine compacts (device block copy + block-table rewrite);
+    every request decodes exactly what it decodes without compaction."""
+    kw = dict(arena_bytes=160 << 10, slab_target_bytes=16 << 10, max_model_len=128,
+              tokens_per_block=8, buckets=SMALL, scheduler=SchedulerConfig(drop=False))
+    specs = [ModelSpec("a", "tiny-llama", "org"), ModelSpec("b", "tiny-qwen2", "fp8_kv8")]
+    rng = np.random.default_rng(3)
+    reqs = [Request("ab"[i % 2], [1] + rng.integers(3, 250, int(rng.integers(4, 30))).tolist(),
+                    SamplingParams(max_tokens=int(rng.integers(5, 60)), ignore_eos=True))
+            for i in range(16)]
+    plain = Engine(specs, **kw).run(reqs, realtime=False)
+    # Debug poison also fills the vacated source blocks with NaN after each compaction.
+    eng = Engine(specs, compaction_interval=1, compaction_max_moves=16, debug_poison=True, **kw)
+    compacted = eng.run(reqs, realtime=False)
+    assert eng.compaction_stats["moved_blocks"] > 0 and eng.compaction_stats["freed_slabs"] > 0
+    assert eng.steady_state_compiles == 0
+    assert [o.token_ids for o in compacted] == [o.token_ids for o in plain]
+    assert eng.allocator.used_bytes == 0
+    # Mutation: without the block-table rewrite, sequences read the poisoned old blocks.
+    broken = Engine(specs, compaction_interval=1, compaction_max_moves=16, debug_poison=True, **kw)
+    broken._rewrite_block_tables = lambda plan: None
+    try:  # either the outputs change or freeing the stale ids is refused
+        wrong = broken.run(reqs, realtime=False)
+        assert [o.token_ids for o in wrong] != [o.token_ids for o in plain]
+    except ValueError as e:
+        assert "not live" in str(e)

@@ -23,7 +23,7 @@ from fineserve_jax.engine.request import Request, RequestState, Status
 from fineserve_jax.engine.sampling_params import SamplingParams, stop_ids
 from fineserve_jax.engine.step_inputs import build_decode, build_prefill
 from fineserve_jax.formats import get_preset
-from fineserve_jax.kvslab import SlabAllocator, choose_slab_bytes
+from fineserve_jax.kvslab import SlabAllocator, apply_compaction, choose_slab_bytes, plan_compaction
 from fineserve_jax.kvslab import arena as arena_lib
 from fineserve_jax.loader import Model, load_model
 from fineserve_jax.metrics import RequestRecord
@@ -69,6 +69,7 @@ class Engine:
                  scheduler: SchedulerConfig = SchedulerConfig(), attention_impl: str = "auto",
                  dtype: str = "float32", seed: int = 0, slab_target_bytes: int = 64 << 10,
                  compilation_cache_dir: Optional[str] = None, debug_poison: bool = False,
+                 compaction_interval: int = 16, compaction_max_moves: int = 64,
                  profile_reps: int = 2):
         if compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
@@ -126,7 +127,11 @@ class Engine:
         self._poison = self._compile_poison() if debug_poison else None
         if debug_poison:
             self.scheduler.freed_log = []
-            self._c_ready = compile_count()
+        self.compaction_interval = compaction_interval
+        self.compaction_max_moves = compaction_max_moves
+        self._copy = self._compile_block_copy() if compaction_interval > 0 else None
+        self.compaction_stats = {"runs": 0, "moved_blocks": 0, "moved_bytes": 0, "freed_slabs": 0}
+        self._c_ready = compile_count()
         self._next_id = 0
         self._states: Dict[int, RequestState] = {}
         self._ended: List[RequestState] = []
@@ -206,6 +211,9 @@ class Engine:
         `while_device_runs` is host work done between dispatching the step and reading its
         tokens back (the engine's own loop takes in new arrivals there).
         """
+        if (self._copy is not None and self.scheduler.waiting
+                and self.num_steps % self.compaction_interval == 0):
+            self.compact()  # requests wait for memory: give sparse slabs back to the pool
         now = self.now()
         out = self.scheduler.schedule(now)
         for s in out.dropped:
@@ -259,6 +267,54 @@ class Engine:
                 part = ids[i : i + self._POISON_CHUNK]
                 chunk[: len(part)] = part
                 self.arena = self._poison[model](self.arena, block_ids=chunk)
+
+    def _compile_block_copy(self):
+        """Per block size, a compiled device copy of `compaction_max_moves` blocks (padding
+        moves write out of range and are dropped)."""
+        fns = {}
+        ids = jax.ShapeDtypeStruct((self.compaction_max_moves,), np.int32)
+        sds = jax.ShapeDtypeStruct(self.arena.shape, self.arena.dtype)
+        for fmt in self.formats.values():
+            if fmt.block_bytes not in fns:
+                fn = jax.jit(functools.partial(arena_lib.copy_blocks, fmt=fmt), donate_argnums=0)
+                fns[fmt.block_bytes] = fn.lower(sds, src_block_ids=ids, dst_block_ids=ids).compile()
+        return fns
+
+    def compact(self) -> int:
+        """Move live blocks out of the sparsest slabs so they return to the common pool
+        (device copy, then allocator bookkeeping, then block-table rewrite). Returns the
+        number of slabs freed."""
+        plan = plan_compaction(self.allocator, max_moves=self.compaction_max_moves)
+        if not plan.moves:
+            return 0
+        for b in plan.block_sizes:
+            src = np.full(self.compaction_max_moves, np.iinfo(np.int32).max, np.int32)
+            dst = src.copy()
+            pairs = [(m.src, m.dst) for m in plan.moves if m.block_bytes == b]
+            src[: len(pairs)], dst[: len(pairs)] = zip(*pairs)
+            self.arena = self._copy[b](self.arena, src_block_ids=src, dst_block_ids=dst)
+        freed = apply_compaction(self.allocator, plan)
+        self._rewrite_block_tables(plan)
+        if self._poison is not None:  # debug: a stale table entry would now read NaN
+            by_size = {f.block_bytes: n for n, f in self.formats.items()}
+            for b in plan.block_sizes:
+                self.scheduler.freed_log.append((by_size[b], [m.src for m in plan.moves
+                                                              if m.block_bytes == b]))
+            self._poison_freed()
+        st = self.compaction_stats
+        st["runs"] += 1
+        st["moved_blocks"] += plan.num_moves
+        st["moved_bytes"] += plan.moved_bytes
+        st["freed_slabs"] += len(freed)
+        return len(freed)
+
+    def _rewrite_block_tables(self, plan) -> None:
+        for b in plan.block_sizes:
+            id_map = plan.id_map(b)
+            for seqs in self.scheduler.running.values():
+                for s in seqs:
+                    if self.formats[s.model].block_bytes == b:
+                        s.block_ids = [id_map.get(i, i) for i in s.block_ids]
 
     def _reserved_bytes(self) -> int:
         return (self.num_slabs - 1 - self.allocator.free_slabs) * self.slab_bytes
