@@ -20,7 +20,7 @@ from absl import app, flags
 _MODELS = flags.DEFINE_list(
     "models", ["tiny-llama:org", "tiny-mistral:fp8_kv8", "tiny-qwen2:qoq"],
     "model:preset entries (a tiny preset or an HF checkpoint directory)")
-_RATES = flags.DEFINE_list("rates", ["6", "3", "1.5"], "per-model request rates (req/s)")
+_RATES = flags.DEFINE_list("rates", ["20", "10", "5"], "per-model request rates (req/s)")
 _NUM = flags.DEFINE_integer("num_requests", 300, "requests in the workload (0: use --duration_s)")
 _DURATION = flags.DEFINE_float("duration_s", 0.0, "workload length when --num_requests=0")
 _ARRIVAL = flags.DEFINE_enum("arrival", "poisson", ["poisson", "gamma"], "arrival process")
@@ -36,7 +36,7 @@ _ADMISSION = flags.DEFINE_enum("admission", "deadline", ["deadline", "fcfs", "sh
 _EXECUTION = flags.DEFINE_enum("execution", "saab", ["saab", "round_robin", "fcfs"],
                                "execution policy")
 _DROP = flags.DEFINE_boolean("drop", True, "drop requests whose SLO is unreachable (saab)")
-_ARENA_MB = flags.DEFINE_float("arena_mb", 0.5, "KV arena size (MiB); small on purpose so memory flows between models")
+_ARENA_MB = flags.DEFINE_float("arena_mb", 0.25, "KV arena size (MiB); small on purpose so memory flows between models")
 _MAXLEN = flags.DEFINE_integer("max_model_len", 256, "longest prompt + output")
 _IMPL = flags.DEFINE_string("attention_impl", "auto", "reference | pallas_triton | auto")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "float32 | bfloat16")

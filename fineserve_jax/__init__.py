@@ -23,7 +23,13 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
+_SUBMODULES = ("metrics", "formats", "checkpoint", "tokenizer", "generate", "kvslab", "quant",
+               "engine", "scheduler", "workload", "sim")
+
+
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fineserve_jax.{name}")
     raise AttributeError(f"module 'fineserve_jax' has no attribute {name!r}")

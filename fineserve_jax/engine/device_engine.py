@@ -116,8 +116,6 @@ class Engine:
             for (kind, size), t in times.items():
                 self.cost.set(n, kind, size, t)
         self.warmup_s = time.perf_counter() - t0
-        self.warmup_compiles = compile_count() - c0
-        self._c_ready = compile_count()
 
         b = self.buckets
         entries = {n: ModelEntry(n, self.models[n].preset.name, f.block_bytes, tokens_per_block,
@@ -131,6 +129,7 @@ class Engine:
         self.compaction_max_moves = compaction_max_moves
         self._copy = self._compile_block_copy() if compaction_interval > 0 else None
         self.compaction_stats = {"runs": 0, "moved_blocks": 0, "moved_bytes": 0, "freed_slabs": 0}
+        self.warmup_compiles = compile_count() - c0
         self._c_ready = compile_count()
         self._next_id = 0
         self._states: Dict[int, RequestState] = {}
