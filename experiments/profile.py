@@ -14,6 +14,9 @@ steps of batch B. From the engine's request records (median over --reps runs):
     decode_time   last finish - last first token                   (output_len - 1 steps)
     tpot          decode_time / (output_len - 1)
     e2e           last finish - arrival
+With --wakeup_idle_s > 0 it also measures, per model, how much longer a prefill takes when
+it is the first step after that long an idle spell (CPU backends: the XLA thread pool and
+caches go cold) and writes it to <output>.wakeup.json; `SimConfig.wakeup_s` charges it.
 Columns: model, qformat, tp, mps_percentage, batch_size, input_len, output_len, seq_len,
 prefill_time, decode_time, ttft, tpot, e2e (seconds), the same as the shared FineServe
 profiles. Only (B, L) whose prefill fits one step (B <= the prefill bucket's sequences,
@@ -24,6 +27,7 @@ B x L <= the largest prefill bucket) are measured: the profile is of single step
 from __future__ import annotations
 
 import csv
+import json
 import os
 import statistics
 import time
@@ -43,6 +47,8 @@ _MAXLEN = flags.DEFINE_integer("max_model_len", 256, "longest prompt + output")
 _IMPL = flags.DEFINE_string("attention_impl", "auto", "reference | pallas_triton | auto")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "float32 | bfloat16")
 _SEED = flags.DEFINE_integer("seed", 0, "prompt and weight seed")
+_WAKEUP_IDLE = flags.DEFINE_float("wakeup_idle_s", 0.1, "also measure the extra cost of the first "
+                                  "step after this long idle (0: skip)")
 _OUT = flags.DEFINE_string("output", "runs/profile/cpu-tiny.csv", "CSV to write")
 
 COLUMNS = ("model", "qformat", "tp", "mps_percentage", "batch_size", "input_len", "output_len",
@@ -109,6 +115,28 @@ def profile_engine(engine, models, batch_sizes: Sequence[int], input_lens: Seque
     return rows
 
 
+def measure_wakeup(engine, models, input_len: int, output_len: int, reps: int, idle_s: float,
+                   seed: int = 0) -> Dict[str, float]:
+    """Per model: median prefill time of one request after `idle_s` of idling minus the same
+    back to back (a CPU's thread pool and caches go cold when the engine sleeps)."""
+    rng = np.random.default_rng(seed + 7)
+    next_id = [20_000_000]
+    out = {}
+    for name, _, _ in models:
+        warm, cold = [], []
+        for _ in range(reps):
+            warm.append(measure(engine, name, 1, input_len, output_len, rng, next_id)["prefill_time"])
+            time.sleep(idle_s)
+            cold.append(measure(engine, name, 1, input_len, output_len, rng, next_id)["prefill_time"])
+        out[name] = max(statistics.median(cold) - statistics.median(warm), 0.0)
+    return out
+
+
+def wakeup_path(csv_path: str) -> str:
+    """The side file of a profile CSV holding the wake-up penalties (JSON)."""
+    return os.path.splitext(csv_path)[0] + ".wakeup.json"
+
+
 def write_csv(rows, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -143,6 +171,12 @@ def main(argv):
     rows = profile_engine(engine, models, [int(x) for x in _BATCH.value], [int(x) for x in _INPUT.value],
                           _OUTPUT_LEN.value, _REPS.value, _SEED.value)
     write_csv(rows, _OUT.value)
+    if _WAKEUP_IDLE.value > 0:
+        wake = measure_wakeup(engine, models, min(int(x) for x in _INPUT.value), _OUTPUT_LEN.value,
+                              max(_REPS.value, 5), _WAKEUP_IDLE.value, _SEED.value)
+        with open(wakeup_path(_OUT.value), "w") as f:
+            json.dump({"idle_s": _WAKEUP_IDLE.value, "wakeup_s": wake}, f, indent=2)
+        print("first step after idle: " + ", ".join(f"{n} +{v * 1e3:.2f} ms" for n, v in wake.items()))
     print(f"{len(rows)} rows in {time.perf_counter() - t0:.1f} s; steady-state compiles "
           f"{engine.steady_state_compiles}; wrote {_OUT.value}")
 

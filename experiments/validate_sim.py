@@ -10,12 +10,14 @@ scheduler as serve: deadline admission + saab); (2) profile it with experiments.
 read --profile_csv) and fit `CostModel.from_csv`; (3) serve a seeded Poisson workload in real
 time; (4) simulate the same requests on a one-device plan that mirrors the engine (same models
 and presets, arena bytes, slab size, tokens per block, step limits = the bucket limits, steps
-charged at their padded bucket size, same scheduler configuration and SLOs); (5) compare. Writes OUTPUT_DIR/validation.json,
+charged at their padded bucket size, the profile's first-step-after-idle penalty, same
+scheduler configuration and SLOs); (5) compare. Writes OUTPUT_DIR/validation.json,
 OUTPUT_DIR/profile.csv (when profiled) and OUTPUT_DIR/ttft_tpot.png.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
@@ -34,6 +36,8 @@ _PROMPT_MEAN = flags.DEFINE_float("prompt_mean", 48, "mean prompt tokens (lognor
 _OUTPUT_MEAN = flags.DEFINE_float("output_mean", 24, "mean output tokens (lognormal)")
 _SLO_SCALE = flags.DEFINE_float("slo_scale", 40.0, "TTFT SLO = scale x profiled TTFT of the P95 prompt + 4 ms")
 _PROFILE = flags.DEFINE_string("profile_csv", None, "use this profile instead of measuring one")
+_WAKEUP = flags.DEFINE_boolean("wakeup", True, "charge the profile's measured first-step-after-idle "
+                               "penalty in the simulation (SimConfig.wakeup_s)")
 _OUT = flags.DEFINE_string("output_dir", "runs/validate", "where to write validation.json")
 
 
@@ -50,6 +54,22 @@ def stats(records, model=None):
     return {"finished": len(fin), "ttft_p50_s": med(ttft), "ttft_p90_s": p90(ttft),
             "tpot_p50_s": med(tpot), "tpot_p90_s": p90(tpot),
             "dropped": sum(1 for r in records if r.status == "dropped" and (model is None or r.model == model))}
+
+
+def first_step_split(records, step_starts):
+    """Median (wait, step) of each request's TTFT, split at the start of the step that produced
+    its first token: the wait is queueing plus the engine loop's reaction (sleep wake-up,
+    arrivals taken in between steps), the step is the prefill itself."""
+    waits, steps = [], []
+    for r in records:
+        if r.first_token_s is None:
+            continue
+        i = bisect.bisect_right(step_starts, r.first_token_s) - 1
+        if i >= 0 and step_starts[i] >= r.arrival_s:
+            waits.append(step_starts[i] - r.arrival_s)
+            steps.append(r.first_token_s - step_starts[i])
+    med = lambda v: statistics.median(v) if v else None  # noqa: E731
+    return {"wait_p50_s": med(waits), "prefill_step_p50_s": med(steps)}
 
 
 def plot(real, sim, path):
@@ -105,7 +125,18 @@ def main(argv):
                                    prof._REPS.value, prof._SEED.value)
         csv_path = os.path.join(_OUT.value, "profile.csv")
         prof.write_csv(rows, csv_path)
+        if prof._WAKEUP_IDLE.value > 0:
+            wake = prof.measure_wakeup(engine, models, min(int(x) for x in prof._INPUT.value),
+                                       prof._OUTPUT_LEN.value, max(prof._REPS.value, 5),
+                                       prof._WAKEUP_IDLE.value, prof._SEED.value)
+            with open(prof.wakeup_path(csv_path), "w") as f:
+                json.dump({"idle_s": prof._WAKEUP_IDLE.value, "wakeup_s": wake}, f, indent=2)
     cost = CostModel.from_csv(csv_path)
+    wakeup_s = 0.0  # one device, one number: the mean over its models
+    if _WAKEUP.value and os.path.exists(prof.wakeup_path(csv_path)):
+        with open(prof.wakeup_path(csv_path)) as f:
+            w = json.load(f)["wakeup_s"]
+        wakeup_s = statistics.fmean(w.values()) if w else 0.0
 
     # (3) the workload, served for real
     maxlen = prof._MAXLEN.value
@@ -121,8 +152,10 @@ def main(argv):
                     arrival_s=w.arrival_s, slo_ttft_s=w.slo_ttft_s, request_id=w.request_id) for w in wl]
     ids = {w.request_id for w in wl}
     t1 = time.perf_counter()
+    kv0 = len(engine.kv_samples)
     engine.run(reqs, realtime=True)
     real = [r for r in engine.records() if r.request_id in ids]
+    split = first_step_split(real, sorted(t for t, *_ in engine.kv_samples[kv0:]))  # step starts
     print(f"served {len(real)} requests in {time.perf_counter() - t1:.1f} s")
 
     # (4) the same requests, simulated on a plan that mirrors the engine
@@ -139,18 +172,20 @@ def main(argv):
     cfg = SimConfig(scheduler=dataclasses.replace(sched), kv="slab", slab_bytes=engine.slab_bytes,
                     max_prefill_tokens=b.max_prefill, max_prefill_seqs=b.prefill_seqs,
                     max_decode_seqs=b.max_decode, prefill_buckets=tuple(b.prefill_sizes),
-                    decode_buckets=tuple(b.decode_sizes), workers=1)
+                    decode_buckets=tuple(b.decode_sizes), wakeup_s=wakeup_s, workers=1)
     res = simulate(plan, wl, cost, cfg, system="engine-mirror")
     sim = res.records
 
     # (5) compare
     out = {"backend": jax.default_backend(), "profile_csv": csv_path, "num_requests": len(wl),
+           "sim_wakeup_s": wakeup_s,
            "overall": {"engine": stats(real), "sim": stats(sim)}, "models": {}}
     for n, _, _ in models:
         out["models"][n] = {"engine": stats(real, n), "sim": stats(sim, n)}
     for block in [out["overall"], *out["models"].values()]:
         e, s = block["engine"], block["sim"]
         block["error"] = {k: rel_err(s[k], e[k]) for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")}
+    out["engine_ttft_split"] = split
     out["fit"] = cost.fit_report()
     with open(os.path.join(_OUT.value, "validation.json"), "w") as f:
         json.dump(out, f, indent=2)
@@ -168,6 +203,8 @@ def main(argv):
         e, s, er = block["engine"], block["sim"], block["error"]
         print(f"{name:<22} {ms(e['ttft_p50_s'])} {ms(s['ttft_p50_s'])} {pct(er['ttft_p50_s'])} "
               f"{ms(e['tpot_p50_s'])} {ms(s['tpot_p50_s'])} {pct(er['tpot_p50_s'])}")
+    print(f"engine TTFT split (medians): wait for the first step {ms(split['wait_p50_s'])} ms, "
+          f"prefill step {ms(split['prefill_step_p50_s'])} ms")
     print(f"wrote {_OUT.value}/validation.json and ttft_tpot.png")
 
 

@@ -187,7 +187,19 @@ def test_debug_poison_of_freed_blocks_leaves_outputs_unchanged():
     poisoned = eng.run(reqs, realtime=False)
     assert eng.scheduler.num_preemptions > 0 and eng.steady_state_compiles == 0
     assert [o.token_ids for o in poisoned] == [o.token_ids for o in clean]
-    assert all(np.isfinite(len(o.token_ids)) and o.status == "finished" for o in poisoned)
+    assert all(o.status == "finished" for o in poisoned)
+    # Mutation: also poisoning one *live* block of each running sequence must show.
+    bad = Engine(specs, debug_poison=True, **kw)
+    honest_poison = bad._poison_freed
+
+    def poison_live_too():
+        for seqs in bad.scheduler.running.values():
+            bad.scheduler.freed_log += [(s.model, s.block_ids[:1]) for s in seqs if s.block_ids]
+        honest_poison()
+
+    bad._poison_freed = poison_live_too
+    wrong = bad.run(reqs, realtime=False)
+    assert [o.token_ids for o in wrong] != [o.token_ids for o in clean]
 
 
 def test_compaction_frees_slabs_without_changing_outputs():

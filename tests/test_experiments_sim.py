@@ -74,7 +74,8 @@ def test_placement_writes_a_plan_per_policy(tmp_path):
 
 def test_paper_figures_quick(tmp_path):
     out = run("experiments.paper_figures", "--quick", "--scenarios=pair8b",
-              "--systems=fineserve,muxserve", "--ablations=fineserve-static", "--workers=1",
+              "--systems=fineserve,muxserve", "--slo_systems=fineserve", "--ablations=fineserve-static",
+              "--workers=1",
               f"--output_dir={tmp_path}")
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))

@@ -71,6 +71,16 @@ def test_one_request_is_exact(system):
     assert res.devices[0].steps == 10
 
 
+def test_the_first_step_after_idle_pays_the_wakeup_penalty():
+    """Only the first step after an idle spell (>= wakeup_idle_s) is charged wakeup_s."""
+    cfg = SimConfig(wakeup_s=0.01, wakeup_idle_s=0.005)
+    res = simulate(one_device_plan(), [req(0, arrival=1.0, output=3), req(1, arrival=1.5, output=2)],
+                   LinearCost(), cfg)
+    a, b = res.records
+    assert a.ttft_s == pytest.approx(0.15 + 0.01) and a.e2e_s == pytest.approx(0.16 + 2 * 0.021)
+    assert b.ttft_s == pytest.approx(0.15 + 0.01)  # the device idled again in between
+
+
 def test_two_requests_batch_exactly():
     """Both arrive at 0: one prefill of 2 x 100 tokens, then decode steps of batch 2 until the
     short one ends, then batch 1 (fcfs execution, no deadlines in the way)."""

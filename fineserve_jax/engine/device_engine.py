@@ -218,6 +218,10 @@ class Engine:
         for s in out.dropped:
             s.end(Status.DROPPED, now, "slo")
             self._ended.append(s)
+        if self._poison is not None:
+            # Blocks freed by preemption/dropping may already be reallocated within this
+            # schedule() call: poison them before the step writes its new KV.
+            self._poison_freed()
         plan = out.step
         if plan is None:
             return False

@@ -91,12 +91,8 @@ class LocalScheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(self.running.values())
 
-    def _blocks_needed(self, seq: RequestState, tokens: int) -> int:
-        t = self.models[seq.model].tokens_per_block
-        return max(-(-tokens // t) - len(seq.block_ids), 0)
-
     def _grow(self, seq: RequestState, tokens: int) -> None:
-        e = self.models[seq.model]  # (inlined _blocks_needed: this runs for every decode row)
+        e = self.models[seq.model]  # runs for every decode row: keep it lean
         n = -(-tokens // e.tokens_per_block) - len(seq.block_ids)
         if n > 0:
             seq.block_ids += self._alloc_of[seq.model].allocate(block_bytes=e.block_bytes,
@@ -107,6 +103,8 @@ class LocalScheduler:
         if seq.block_ids:
             self._alloc_of[seq.model].free(block_bytes=self.models[seq.model].block_bytes,
                                            block_ids=seq.block_ids)
+            if self.freed_log is not None:
+                self.freed_log.append((seq.model, seq.block_ids))
             seq.block_ids = []
         if seq in self.running.get(seq.model, ()):
             self.running[seq.model].remove(seq)

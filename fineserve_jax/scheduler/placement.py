@@ -7,15 +7,19 @@ Common steps, for every policy:
      fits: PlacementError naming the model.
   2. SLO: the model's own, else FineServe's default `slo_scale` x TTFT(903-token prompt) + 4 ms
      at the base tp (`CostModel.default_slo_ttft`).
-  3. replicas: a model alone on a base-tp device must stay below `target_load` (the load of
-     `load_estimate`); a faster model needs more copies, each taking rate / copies.
-  4. the copies are placed (per policy, below); GPUs left over hold extra replicas of the
-     most loaded models (the rates of a model's copies are split evenly).
+  3. copies (replicas): for each tp from the base tp up, the copies needed so that one copy
+     alone stays below `target_load` (the load of `load_estimate`); the (tp, copies) needing
+     the fewest GPUs wins (then fewer copies, then smaller tp). Each copy takes rate / copies
+     and needs a device of at least that tp.
+  4. the copies are placed (per policy, below): a greedy pass over every candidate partition
+     of the nodes into TP groups (all power-of-two splits, like MuxServe's mesh enumeration;
+     capped at `max_partitions`), then, on the `refine_partitions` best, a local search that
+     moves single copies while the policy's objective improves. GPUs left over hold extra
+     replicas of the most loaded models (the rates of a model's copies are split evenly).
 
 Policies:
-  fineserve  (the paper's global scheduler) Partitions each node into TP groups (every
-             power-of-two split is a candidate, like MuxServe's mesh enumeration), places
-             copies in decreasing order of memory need (weights + predicted KV), each on the
+  fineserve  (the paper's global scheduler) Places copies in decreasing order of memory
+             need (weights + predicted KV), each on the
              memory-feasible device that adds the most *SLO goodput* (output tokens/s of the
              models predicted to meet their TTFT SLO under the device's combined load) and,
              among equals, the one where the copy's *marginal memory efficiency* times the KV
@@ -101,7 +105,7 @@ class _Copy:
     """One copy (replica) of a model being placed."""
 
     model: ServedModel
-    base_tp: int
+    min_tp: int  # the smallest TP group this copy may run on
     rate: float
     slo: Optional[float]
 
@@ -201,7 +205,7 @@ class _Dev:
         return self.capacity - sum(self.facts.fp[c.model.name].weight_bytes for c in cs)
 
     def can_take(self, c: _Copy) -> bool:
-        return (self.tp >= c.base_tp and c.model.name not in self.names
+        return (self.tp >= c.min_tp and c.model.name not in self.names
                 and self.used_bytes(c) <= self.capacity)
 
     def profiles(self, extra: Optional[_Copy] = None) -> List[ModelProfile]:
@@ -234,8 +238,8 @@ class _Dev:
 
 
 def _order_fineserve(c: _Copy, f: _Facts) -> float:
-    p = f.profile(c.model.name, c.base_tp, c.rate)
-    est = estimate_device([p], device_capacity_bytes(f.cluster, c.base_tp) - p.weight_bytes)
+    p = f.profile(c.model.name, c.min_tp, c.rate)
+    est = estimate_device([p], device_capacity_bytes(f.cluster, c.min_tp) - p.weight_bytes)
     return p.weight_bytes + sum(v for v in est.kv_demand_bytes.values() if math.isfinite(v))
 
 
@@ -387,7 +391,7 @@ def _fill_leftover(devs: List[_Dev], facts: _Facts) -> None:
             target = min(targets, key=lambda d: d.tp)  # the smallest group that holds it
             siblings = [x for d in devs for x in d.copies if x.model.name == name]
             k = len(siblings) + 1
-            new = _Copy(c.model, c.base_tp, c.model.rate / k, c.slo)
+            new = _Copy(c.model, c.min_tp, c.model.rate / k, c.slo)
             for x in siblings:
                 x.rate = c.model.rate / k
             for d in devs:
@@ -422,7 +426,7 @@ def _spatial(copies: List[_Copy], facts: _Facts, cluster: ClusterSpec) -> List[_
     for c in copies:
         by_model.setdefault(c.model.name, []).append(c)
     # Then shrink TP groups chosen above a model's base tp (slower, but it fits).
-    while sum(c.base_tp for v in by_model.values() for c in v) > cluster.num_gpus:
+    while sum(c.min_tp for v in by_model.values() for c in v) > cluster.num_gpus:
         name = max((n for n, v in by_model.items() if len(v) > 1),
                    key=lambda n: (len(by_model[n]), n), default=None)
         if name is not None:
@@ -431,20 +435,20 @@ def _spatial(copies: List[_Copy], facts: _Facts, cluster: ClusterSpec) -> List[_
             for c in v:
                 c.rate = c.model.rate / len(v)
             continue
-        wide = [c for v in by_model.values() for c in v if c.base_tp > facts.base_tp[c.model.name]]
+        wide = [c for v in by_model.values() for c in v if c.min_tp > facts.base_tp[c.model.name]]
         if not wide:
             break
-        c = max(wide, key=lambda c: (c.base_tp, c.model.name))
-        c.base_tp //= 2
+        c = max(wide, key=lambda c: (c.min_tp, c.model.name))
+        c.min_tp //= 2
     allocate = _aligned_slots(cluster)
     devs: List[_Dev] = []
-    for c in sorted((c for v in by_model.values() for c in v), key=lambda c: (-c.base_tp, c.model.name)):
-        gpus = allocate(c.base_tp)
+    for c in sorted((c for v in by_model.values() for c in v), key=lambda c: (-c.min_tp, c.model.name)):
+        gpus = allocate(c.min_tp)
         if gpus is None:
             raise PlacementError(
-                f"spatial placement: no free group of {c.base_tp} GPU(s) left for model "
+                f"spatial placement: no free group of {c.min_tp} GPU(s) left for model "
                 f"{c.model.name!r} ({c.model.config}/{c.model.preset}); the fleet needs "
-                f"{sum(x.base_tp for v in by_model.values() for x in v)} GPUs, the cluster has "
+                f"{sum(x.min_tp for v in by_model.values() for x in v)} GPUs, the cluster has "
                 f"{cluster.num_gpus}", c.model.name)
         d = _Dev(gpus, cluster, facts)
         d.add(c)
@@ -454,7 +458,7 @@ def _spatial(copies: List[_Copy], facts: _Facts, cluster: ClusterSpec) -> List[_
         grew = False
         for _, c in sorted(((d.estimate().load, d.copies[0]) for d in devs),
                            key=lambda x: (-x[0], x[1].model.name)):
-            gpus = allocate(c.base_tp)
+            gpus = allocate(c.min_tp)
             if gpus is None:
                 continue
             siblings = [d.copies[0] for d in devs if d.copies[0].model.name == c.model.name]
@@ -462,7 +466,7 @@ def _spatial(copies: List[_Copy], facts: _Facts, cluster: ClusterSpec) -> List[_
             for x in siblings:
                 x.rate = c.model.rate / k
             new = _Dev(gpus, cluster, facts)
-            new.add(_Copy(c.model, c.base_tp, c.model.rate / k, c.slo))
+            new.add(_Copy(c.model, c.min_tp, c.model.rate / k, c.slo))
             devs.append(new)
             for d in devs:
                 d.est = None

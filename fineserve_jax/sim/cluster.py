@@ -60,6 +60,7 @@ class SimResult:
             presets=plan.model_presets(), models=plan.model_names, kv_arena_bytes=arena,
             kv_slab_bytes=slabs.pop() if len(slabs) == 1 else None)
         s["kv"]["mode"] = self.config.kv
+        s["kv"]["num_slabs"] = sum(d.num_slabs for d in self.devices)
         s["kv"]["preemptions"] = sum(d.preemptions for d in self.devices)
         s["kv"]["devices"] = [
             {"device": d.device_id, **metrics.kv_summary(d.kv_samples, arena_bytes=d.kv_arena_bytes,

@@ -36,6 +36,7 @@ class DeviceResult:
     kv_samples: List[Tuple[float, int, int]]  # (t, used bytes, reserved bytes) on the grid
     kv_arena_bytes: int
     slab_bytes: Optional[int]  # None with static partitions
+    num_slabs: int  # null slab(s) included; static: one block per slab, one null per model
     steps: int
     prefill_steps: int
     busy_s: float  # simulated seconds spent in steps
@@ -48,7 +49,7 @@ class DeviceResult:
                 "prefill_steps": self.prefill_steps, "busy_s": self.busy_s, "end_s": self.end_s,
                 "utilization": self.busy_s / self.end_s if self.end_s > 0 else 0.0,
                 "preemptions": self.preemptions, "kv_arena_bytes": self.kv_arena_bytes,
-                "slab_bytes": self.slab_bytes, "wall_s": self.wall_s}
+                "slab_bytes": self.slab_bytes, "num_slabs": self.num_slabs, "wall_s": self.wall_s}
 
 
 def _record(s: RequestState, preset: str) -> RequestRecord:
@@ -141,6 +142,7 @@ class DeviceSim:
         steps = prefill_steps = 0
         busy = 0.0
         now, i, n = 0.0, 0, len(reqs)
+        idle_since = 0.0  # the device starts idle
         while True:
             while i < n and reqs[i].arrival_s <= now:
                 w = reqs[i]
@@ -165,6 +167,8 @@ class DeviceSim:
             plan = out.step
             if plan is None:
                 if i < n:
+                    if idle_since is None:
+                        idle_since = now
                     now = max(now, reqs[i].arrival_s)  # idle until the next arrival
                     continue
                 if sched.has_work:  # cannot happen for validated requests; never hang
@@ -174,6 +178,10 @@ class DeviceSim:
                     continue
                 break
             dt = cost.step_time(plan)
+            if idle_since is not None:
+                if cfg.wakeup_s and now - idle_since >= cfg.wakeup_idle_s:
+                    dt += cfg.wakeup_s  # the first step after an idle spell runs cold
+                idle_since = None
             steps += 1
             if plan.kind == "prefill":
                 prefill_steps += 1
@@ -184,5 +192,7 @@ class DeviceSim:
         return DeviceResult(
             device_id=self.device.id, records=[_record(s, self.presets[s.model]) for s in states],
             kv_samples=kv_samples, kv_arena_bytes=self.arena_bytes, slab_bytes=self.slab_bytes,
+            num_slabs=(self.allocator.num_slabs if self.allocator is not None
+                       else sum(a.num_slabs for a in self.allocators.values())),
             steps=steps, prefill_steps=prefill_steps, busy_s=busy, end_s=end,
             preemptions=sched.num_preemptions, wall_s=time.perf_counter() - t_wall)
