@@ -17,6 +17,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments.plots import latency_plot
+
 _MODELS = flags.DEFINE_list(
     "models", ["tiny-llama:org", "tiny-mistral:fp8_kv8", "tiny-qwen2:qoq"],
     "model:preset entries (a tiny preset or an HF checkpoint directory)")
@@ -79,32 +81,6 @@ def build_requests(engine, names, rates, num, duration, seed, slos):
     return reqs
 
 
-def plot(summary, records, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in summary["models"]:
-        ttft = sorted(r.first_token_s - r.arrival_s for r in records
-                      if r.model == name and r.first_token_s is not None)
-        if ttft:
-            ax1.plot(np.array(ttft) * 1e3, np.arange(1, len(ttft) + 1) / len(ttft),
-                     label=name)
-    ax1.set_xlabel("TTFT (ms)")
-    ax1.set_ylabel("CDF")
-    ax1.set_title("Time to first token")
-    ax1.legend()
-    names = list(summary["models"])
-    att = [summary["models"][n]["slo_attainment"] or 0.0 for n in names]
-    ax2.bar(names, att, color="tab:blue")
-    ax2.set_ylim(0, 1.05)
-    ax2.set_ylabel("SLO attainment (TTFT < SLO)")
-    ax2.set_title(f"overall {summary['overall']['slo_attainment']:.2f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv):
@@ -158,7 +134,7 @@ def main(argv):
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot(summary, records, os.path.join(_OUT.value, "latency.png"))
+    latency_plot(summary, records, os.path.join(_OUT.value, "latency.png"), "serve")
     print(metrics.format_table(summary))
     print(f"compiles: warm-up {engine.warmup_compiles}, after warm-up "
           f"{engine.steady_state_compiles}; preemptions {engine.scheduler.num_preemptions}")

@@ -26,6 +26,8 @@ import time
 
 from absl import app, flags
 
+from experiments.plots import latency_plot
+
 _FLEET = flags.DEFINE_string("fleet", "mixed8", "fleet: pair8b | mixed8 | lmsys (fineserve_jax.sim.fleets)")
 _SYSTEM = flags.DEFINE_string(
     "system", "fineserve", "system (placement + KV + scheduling): fineserve, muxserve, prism, "
@@ -64,36 +66,6 @@ def with_workload_lengths(fleet, requests):
     return dataclasses.replace(fleet, models=ms)
 
 
-def plot(summary, records, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-    for name in summary["models"]:
-        ttft = sorted(r.first_token_s - r.arrival_s for r in records
-                      if r.model == name and r.first_token_s is not None)
-        if ttft:
-            ax1.plot(np.array(ttft) * 1e3, np.arange(1, len(ttft) + 1) / len(ttft),
-                     label=f"{name} ({summary['models'][name]['preset']})")
-    ax1.set_xscale("log")
-    ax1.set_xlabel("TTFT (ms)")
-    ax1.set_ylabel("CDF")
-    ax1.set_title("Time to first token (simulated)")
-    ax1.legend(fontsize=7)
-    names = list(summary["models"])
-    att = [summary["models"][n]["slo_attainment"] or 0.0 for n in names]
-    ax2.bar(names, att, color="tab:blue")
-    ax2.set_ylim(0, 1.05)
-    ax2.set_ylabel("SLO attainment (TTFT < SLO)")
-    ax2.tick_params(axis="x", rotation=60, labelsize=7)
-    overall = summary["overall"]["slo_attainment"]
-    ax2.set_title(f"{summary['sim']['system']}: overall {overall if overall is not None else 0:.3f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv):
@@ -151,7 +123,8 @@ def main(argv):
     with open(os.path.join(_OUT.value, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     plan.save(os.path.join(_OUT.value, "plan.json"))
-    plot(summary, result.records, os.path.join(_OUT.value, "latency.png"))
+    latency_plot(summary, result.records, os.path.join(_OUT.value, "latency.png"),
+                 f"{summary['sim']['system']} (simulated)", log_x=True)
     print(metrics.format_table(summary))
     n_models = len(plan.model_names)
     print(f"simulated {plan.gpus_used} GPUs ({len(plan.devices)} devices), {n_models} models, "

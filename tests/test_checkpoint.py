@@ -10,7 +10,6 @@ from safetensors.numpy import load_file, save_file
 
 from fineserve_jax import checkpoint, load_model
 from fineserve_jax.checkpoint import CheckpointError
-from models.presets import TINY
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fineserve_jax import load_model
+
 from fineserve_jax.engine.buckets import Buckets
 from fineserve_jax.engine.device_engine import Engine, ModelSpec
 from fineserve_jax.engine.llm import LLM

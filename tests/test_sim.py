@@ -15,7 +15,7 @@ from fineserve_jax.scheduler.cost_model import CostModel
 from fineserve_jax.scheduler.execution import ModelLimits
 from fineserve_jax.scheduler.footprint import GiB, footprint
 from fineserve_jax.scheduler.local import LocalScheduler, ModelEntry, SchedulerConfig
-from fineserve_jax.scheduler.placement import PlacementConfig, ServedModel, place
+from fineserve_jax.scheduler.placement import ServedModel, place
 from fineserve_jax.scheduler.plan import ClusterSpec, PlacedModel, PlacementPlan, make_device
 from fineserve_jax.sim import SYSTEMS, SimConfig, get_system, route, run_system, simulate
 from fineserve_jax.sim.fleets import fleet_workload, get_fleet, pair8b

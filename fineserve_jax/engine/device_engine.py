@@ -22,7 +22,6 @@ from fineserve_jax.engine.model_runner import ModelRunner
 from fineserve_jax.engine.request import Request, RequestState, Status
 from fineserve_jax.engine.sampling_params import SamplingParams, stop_ids
 from fineserve_jax.engine.step_inputs import build_decode, build_prefill
-from fineserve_jax.formats import get_preset
 from fineserve_jax.kvslab import SlabAllocator, apply_compaction, choose_slab_bytes, plan_compaction
 from fineserve_jax.kvslab import arena as arena_lib
 from fineserve_jax.loader import Model, load_model
@@ -380,11 +379,5 @@ class Engine:
             if not s.status.is_final:
                 continue
             preset = self.models[s.model].preset.name if s.model in self.models else None
-            out.append(RequestRecord(
-                request_id=s.request_id, model=s.model, arrival_s=s.arrival_s,
-                first_token_s=s.first_token_s, token_times_s=list(s.token_times_s) or None,
-                finish_s=s.finish_s, num_output_tokens=len(s.output_token_ids),
-                status=s.status.value, finish_reason=s.finish_reason or s.error,
-                slo_ttft_s=s.slo_ttft_s, preemptions=s.preemptions,
-                prompt_len=len(s.prompt_token_ids), preset=preset))
+            out.append(s.to_record(preset))
         return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 from fineserve_jax.engine.device_engine import Engine, ModelSpec, RequestOutput
 from fineserve_jax.engine.request import Request

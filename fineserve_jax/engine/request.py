@@ -11,6 +11,7 @@ import enum
 from typing import List, Optional, Sequence, Union
 
 from fineserve_jax.engine.sampling_params import SamplingParams
+from fineserve_jax.metrics import RequestRecord
 
 
 class Status(enum.Enum):
@@ -93,3 +94,13 @@ class RequestState:
             self.error = reason
         else:
             self.finish_reason = reason
+
+    def to_record(self, preset: Optional[str] = None) -> RequestRecord:
+        """The metrics record of this request (the engine and the simulator share it)."""
+        return RequestRecord(
+            request_id=self.request_id, model=self.model, arrival_s=self.arrival_s,
+            first_token_s=self.first_token_s, token_times_s=list(self.token_times_s) or None,
+            finish_s=self.finish_s, num_output_tokens=len(self.output_token_ids),
+            status=self.status.value, finish_reason=self.finish_reason or self.error,
+            slo_ttft_s=self.slo_ttft_s, preemptions=self.preemptions,
+            prompt_len=len(self.prompt_token_ids), preset=preset)

@@ -52,15 +52,6 @@ class DeviceResult:
                 "slab_bytes": self.slab_bytes, "num_slabs": self.num_slabs, "wall_s": self.wall_s}
 
 
-def _record(s: RequestState, preset: str) -> RequestRecord:
-    return RequestRecord(
-        request_id=s.request_id, model=s.model, arrival_s=s.arrival_s, first_token_s=s.first_token_s,
-        token_times_s=s.token_times_s or None, finish_s=s.finish_s,
-        num_output_tokens=len(s.output_token_ids), status=s.status.value,
-        finish_reason=s.finish_reason or s.error, slo_ttft_s=s.slo_ttft_s,
-        preemptions=s.preemptions, prompt_len=len(s.prompt_token_ids), preset=preset)
-
-
 class DeviceSim:
     """One device of a placement plan: its models, KV memory and local scheduler.
 
@@ -190,7 +181,7 @@ class DeviceSim:
             sched.on_step_done(plan, tokens, now)
         end = max((s.finish_s for s in states), default=0.0)
         return DeviceResult(
-            device_id=self.device.id, records=[_record(s, self.presets[s.model]) for s in states],
+            device_id=self.device.id, records=[s.to_record(self.presets[s.model]) for s in states],
             kv_samples=kv_samples, kv_arena_bytes=self.arena_bytes, slab_bytes=self.slab_bytes,
             num_slabs=(self.allocator.num_slabs if self.allocator is not None
                        else sum(a.num_slabs for a in self.allocators.values())),
