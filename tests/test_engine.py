@@ -43,7 +43,7 @@ def test_greedy_equals_full_forward_decoding(name):
         assert o.token_ids == greedy_by_full_forward(llm.model, p, GREEDY.max_tokens), p
 
 
-@pytest.mark.parametrize("quant", ["fp8_kv8", "int8_kv8", "qoq", "awq", "fp8"])
+@pytest.mark.parametrize("quant", ["fp8_kv8", "int8_kv8", "qoq", "awq", "fp8", "int8"])
 def test_quantized_greedy_equals_same_preset_full_forward(quant):
     llm = LLM(model="tiny-llama", quant=quant, dtype="float32", max_model_len=128,
               tokens_per_block=4, buckets=SMALL)
