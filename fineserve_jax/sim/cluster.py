@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import sys
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -107,6 +108,10 @@ def _cluster_kv_samples(devices: Sequence[DeviceResult]):
 _WORK: Dict[str, Any] = {}
 
 
+def _init_worker(work: Dict[str, Any]) -> None:
+    _WORK.update(work)
+
+
 def _simulate_device(index: int) -> DeviceResult:
     w = _WORK
     dev = w["plan"].devices[index]
@@ -131,13 +136,18 @@ def simulate(plan: PlacementPlan, requests: Sequence[WorkloadRequest], cost,
                    key=lambda i: -sum(r.output_len for r in routed[plan.devices[i].id]))
     workers = config.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(order)))
-    _WORK.update(plan=plan, cost=cost, config=config, routed=routed)
+    work = dict(plan=plan, cost=cost, config=config, routed=routed)
+    _WORK.update(work)
     try:
-        if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
+        if workers == 1:
             results = [_simulate_device(i) for i in order]
         else:
-            ctx = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+            # fork shares the work without pickling, but forking a process whose JAX
+            # threads are running can deadlock: then spawn and ship the work once per worker.
+            safe_fork = "fork" in multiprocessing.get_all_start_methods() and "jax" not in sys.modules
+            ctx = multiprocessing.get_context("fork" if safe_fork else "spawn")
+            init = {} if safe_fork else dict(initializer=_init_worker, initargs=(work,))
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **init) as ex:
                 results = list(ex.map(_simulate_device, order))
     finally:
         _WORK.clear()
