@@ -24,8 +24,6 @@ import datetime
 import functools
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +31,7 @@ import numpy as np
 from absl import app, flags
 
 from fineserve_jax.formats import KV_DTYPES, KVFormat
+from experiments.timing import copy_bandwidth, time_call
 from pallas_kernels import decode_attention, resolve_impl
 
 GEOMETRIES = {  # name: (q heads, kv heads, head dim)
@@ -73,27 +72,6 @@ def _defaults():
         warmup=pick(_WARMUP, 3, 1),
         impls=list(_IMPLS.value),
     )
-
-
-def _time_call(fn, args, reps: int, warmup: int) -> float:
-    """Median seconds per call; compile and warm-up calls are not timed."""
-    jax.block_until_ready(fn(*args))
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int, reps: int, warmup: int) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second) of an elementwise
-    pass over a uint32 buffer: the practical ceiling for a memory-bound kernel."""
-    x = jnp.zeros((nbytes // 4,), jnp.uint32)
-    fn = jax.jit(lambda a: a ^ jnp.uint32(1))
-    return 2 * x.size * 4 / _time_call(fn, (x,), reps, warmup)
 
 
 def random_view(fmt: KVFormat, num_blocks: int, key) -> jax.Array:
@@ -189,7 +167,7 @@ def run_grid(cfg: dict, output_dir: str) -> dict:
                             num_splits=_SPLITS.value if impl != "reference" else None,
                             interpret=None))
                         try:
-                            t = _time_call(fn, (q, view, tables, lengths), cfg["reps"],
+                            t = time_call(fn, (q, view, tables, lengths), cfg["reps"],
                                            cfg["warmup"])
                         except Exception as exc:  # OOM or a compile error: record, go on
                             row[impl] = {"error": f"{type(exc).__name__}: {exc}"[:500]}

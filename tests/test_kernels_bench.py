@@ -22,3 +22,14 @@ def test_kernel_bench_quick_smoke(tmp_path):
         assert row[impl]["time_us"] > 0 and 0 < row[impl]["frac_copy_bw"]
     assert row["ref_over_kernel"] > 0
     assert "ref/kernel" in proc.stdout
+
+
+def test_tpot_roofline_quick_smoke(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.tpot_roofline", "--quick", f"--output_dir={tmp_path}"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "tpot_roofline.json").read_text())
+    assert r["batch"] == 4 and r["step_s"] > 0 and r["roofline_s"] > 0
+    assert r["ratio_to_roofline"] == r["step_s"] / r["roofline_s"]
+    assert "roofline" in proc.stdout
