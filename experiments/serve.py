@@ -27,8 +27,8 @@ _NUM = flags.DEFINE_integer("num_requests", 300, "requests in the workload (0: u
 _DURATION = flags.DEFINE_float("duration_s", 0.0, "workload length when --num_requests=0")
 _ARRIVAL = flags.DEFINE_enum("arrival", "poisson", ["poisson", "gamma"], "arrival process")
 _CV = flags.DEFINE_float("cv", 1.0, "coefficient of variation for gamma arrivals")
-_PROMPT_MEAN = flags.DEFINE_float("prompt_mean", 48, "mean prompt tokens (lognormal)")
-_OUTPUT_MEAN = flags.DEFINE_float("output_mean", 24, "mean output tokens (lognormal)")
+_PROMPT_MEAN = flags.DEFINE_float("prompt_mean", 64, "mean prompt tokens (lognormal)")
+_OUTPUT_MEAN = flags.DEFINE_float("output_mean", 48, "mean output tokens (lognormal)")
 _SLO_SCALE = flags.DEFINE_float(
     "slo_scale", 40.0, "TTFT SLO = scale x the profiled single-request TTFT of the P95 prompt "
     "+ 4 ms (FineServe's definition)")
@@ -40,6 +40,8 @@ _EXECUTION = flags.DEFINE_enum("execution", "saab", ["saab", "round_robin", "fcf
 _DROP = flags.DEFINE_boolean("drop", True, "drop requests whose SLO is unreachable (saab)")
 _ARENA_MB = flags.DEFINE_float("arena_mb", 0.25, "KV arena size (MiB); small on purpose so memory flows between models")
 _MAXLEN = flags.DEFINE_integer("max_model_len", 256, "longest prompt + output")
+_TPB = flags.DEFINE_integer("tokens_per_block", 4, "tokens per KV block (small for tiny models, "
+                            "so the small default arena still has many slabs)")
 _IMPL = flags.DEFINE_string("attention_impl", "auto", "reference | pallas_triton | auto")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "float32 | bfloat16")
 _SEED = flags.DEFINE_integer("seed", 0, "workload and sampling seed")
@@ -99,6 +101,7 @@ def main(argv):
     engine = Engine(
         [ModelSpec(n, m, p) for n, (m, p) in zip(names, models)],
         arena_bytes=int(_ARENA_MB.value * (1 << 20)), max_model_len=_MAXLEN.value,
+        tokens_per_block=_TPB.value, slab_target_bytes=1,
         scheduler=SchedulerConfig(admission=_ADMISSION.value, execution=_EXECUTION.value,
                                   drop=_DROP.value),
         attention_impl=_IMPL.value, dtype=_DTYPE.value, seed=_SEED.value,
