@@ -14,8 +14,16 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps):
     generated: the key is fold_in(PRNGKey(seed), step), so a row's draw never depends on
     the other rows of the batch). Returns [R] int32.
     """
-    v = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # The vocabulary sort only runs when some row samples (a full sort of a 128k vocabulary
+    # per step is not free on a GPU).
+    return jax.lax.cond(jnp.any(temperature > 0),
+                        lambda: _sample(logits, greedy, temperature, top_k, top_p, seeds, steps),
+                        lambda: greedy)
+
+
+def _sample(logits, greedy, temperature, top_k, top_p, seeds, steps):
+    v = logits.shape[-1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     srt = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
