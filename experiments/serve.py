@@ -48,6 +48,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "workload and sampling seed")
 _OUT = flags.DEFINE_string("output_dir", "runs/serve", "where to write summary.json and the plot")
 _COMPACT = flags.DEFINE_integer(
     "compaction_interval", 16, "compact KV slabs every N steps while requests wait (0: off)")
+_PLAN = flags.DEFINE_string(
+    "plan", None, "a placement plan JSON (experiments.placement / experiments.simulate): serve "
+    "the models, presets, rates and SLOs of one of its devices (real-size configs get random "
+    "weights; the arena is the plan's unless --arena_mb is given)")
+_DEVICE = flags.DEFINE_integer("device_id", 0, "which device of --plan to serve")
 _CACHE = flags.DEFINE_string("compilation_cache_dir", None, "persistent XLA compilation cache")
 
 
@@ -85,22 +90,50 @@ def build_requests(engine, names, rates, num, duration, seed, slos):
 
 
 
-def main(argv):
-    del argv
-    from fineserve_jax import metrics
-    from fineserve_jax.engine.device_engine import Engine, ModelSpec
-    from fineserve_jax.scheduler.local import SchedulerConfig
+def _served_models():
+    """-> (names, presets, rates, engine model specs, SLOs or None, arena bytes), from the
+    flags or from one device of a placement plan."""
+    from fineserve_jax.engine.device_engine import ModelSpec
+    from fineserve_jax.loader import load_model
 
+    arena = int(_ARENA_MB.value * (1 << 20))
+    if _PLAN.value:
+        from fineserve_jax.scheduler.plan import PlacementPlan
+
+        plan = PlacementPlan.load(_PLAN.value)
+        dev = next((d for d in plan.devices if d.id == _DEVICE.value), None)
+        if dev is None:
+            raise app.UsageError(f"--device_id={_DEVICE.value} is not in {_PLAN.value} (devices "
+                                 f"{[d.id for d in plan.devices]})")
+        ms = dev.models
+        specs = [ModelSpec(m.name, load_model(m.config, quant=m.preset, dtype=_DTYPE.value,
+                                              seed=_SEED.value, random_weights=True), m.preset)
+                 for m in ms]
+        slos = ({m.name: m.slo_ttft_s for m in ms} if all(m.slo_ttft_s for m in ms) else None)
+        if not flags.FLAGS["arena_mb"].present:
+            arena = int(dev.kv_arena_bytes)
+        return ([m.name for m in ms], [m.preset for m in ms], [m.rate for m in ms], specs,
+                slos, arena)
     models = _parse_models(_MODELS.value)
     names = [f"{m.split('/')[-1]}:{p}" for m, p in models]
     rates = [float(r) for r in _RATES.value]
     if len(rates) != len(models):
         raise app.UsageError(f"--rates has {len(rates)} entries for {len(models)} models")
-    print(f"loading {len(models)} models and compiling their steps ...", flush=True)
+    specs = [ModelSpec(n, m, p) for n, (m, p) in zip(names, models)]
+    return names, [p for _, p in models], rates, specs, None, arena
+
+
+def main(argv):
+    del argv
+    from fineserve_jax import metrics
+    from fineserve_jax.engine.device_engine import Engine
+    from fineserve_jax.scheduler.local import SchedulerConfig
+
+    names, presets, rates, specs, plan_slos, arena_bytes = _served_models()
+    print(f"loading {len(specs)} models and compiling their steps ...", flush=True)
     t0 = time.perf_counter()
     engine = Engine(
-        [ModelSpec(n, m, p) for n, (m, p) in zip(names, models)],
-        arena_bytes=int(_ARENA_MB.value * (1 << 20)), max_model_len=_MAXLEN.value,
+        specs, arena_bytes=arena_bytes, max_model_len=_MAXLEN.value,
         tokens_per_block=_TPB.value, slab_target_bytes=1,
         scheduler=SchedulerConfig(admission=_ADMISSION.value, execution=_EXECUTION.value,
                                   drop=_DROP.value),
@@ -110,6 +143,8 @@ def main(argv):
           f"arena {engine.num_slabs} slabs x {engine.slab_bytes} B, attention {engine.impl}")
     if _SLO.value:
         slos = dict(zip(names, (float(s) for s in _SLO.value)))
+    elif plan_slos:
+        slos = plan_slos
     else:
         p95 = int(min(_MAXLEN.value // 2, _PROMPT_MEAN.value * 3))
         slos = {n: _SLO_SCALE.value * engine.cost.prefill_time(n, p95) + 0.004 for n in names}
@@ -119,7 +154,7 @@ def main(argv):
     records = engine.records()
     summary = metrics.summarize(
         records, duration_s=duration, kv_samples=engine.kv_samples,
-        presets={n: p for n, (_, p) in zip(names, models)}, models=names,
+        presets=dict(zip(names, presets)), models=names,
         kv_arena_bytes=engine.num_slabs * engine.slab_bytes, kv_slab_bytes=engine.slab_bytes)
     summary["kv"]["num_slabs"] = engine.num_slabs
     summary["kv"]["preemptions"] = engine.scheduler.num_preemptions
@@ -127,7 +162,7 @@ def main(argv):
     summary["compile"] = {"warmup_compiles": engine.warmup_compiles,
                           "steady_state_compiles": engine.steady_state_compiles,
                           "warmup_s": engine.warmup_s}
-    summary["config"] = {"models": dict(zip(names, [p for _, p in models])),
+    summary["config"] = {"models": dict(zip(names, presets)), "plan": _PLAN.value,
                          "rates": dict(zip(names, rates)), "slo_ttft_s": slos,
                          "admission": _ADMISSION.value, "execution": _EXECUTION.value,
                          "attention_impl": engine.impl, "seed": _SEED.value,

@@ -33,28 +33,6 @@ _QUICK = flags.DEFINE_boolean("quick", False, "CPU smoke: tiny-llama, batch 4, c
 _OUT = flags.DEFINE_string("output_dir", "runs/tpot_roofline", "where to write tpot_roofline.json")
 
 
-def build_model(name: str, quant: str, layers: int):
-    """A random-weight `Model` of a preset's shape (bf16), quantized to `quant`."""
-    from flax import nnx
-    import jax.numpy as jnp
-
-    from fineserve_jax.formats import get_preset
-    from fineserve_jax.loader import Model
-    from fineserve_jax.quant import quantize_model
-    from fineserve_jax.tokenizer import ByteTokenizer
-    from models.presets import get_model_config
-    from models.transformer import Transformer
-
-    cfg = get_model_config(name)
-    if layers:
-        cfg = cfg.replace(num_layers=layers)
-    module = Transformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    preset = get_preset(quant)
-    if preset.is_quantized:
-        module = quantize_model(module, preset)
-    return Model(module=module, preset=preset, tokenizer=ByteTokenizer(), name=name)
-
-
 def measure(model, batch: int, context: int, impl: str, reps: int, copy_bytes: int) -> dict:
     from fineserve_jax.engine.buckets import Buckets
     from fineserve_jax.engine.device_engine import Engine, ModelSpec
@@ -107,7 +85,10 @@ def main(argv):
     name = "tiny-llama" if quick else _MODEL.value
     batch, context = (4, 64) if quick else (_BATCH.value, _CONTEXT.value)
     copy_bytes = (64 << 20) if quick else (_COPY_MB.value << 20)
-    model = build_model(name, _QUANT.value, _LAYERS.value)
+    from fineserve_jax.loader import load_model
+
+    model = load_model(name, quant=_QUANT.value, dtype="bfloat16", random_weights=True,
+                       num_layers=_LAYERS.value or None)
     r = measure(model, batch, context, _IMPL.value, 3 if quick else _REPS.value, copy_bytes)
     print(f"{r['model']} ({r['preset']}, {r['layers']} layers) decode batch {batch}, context "
           f"{context}, attention {r['attention_impl']} on {r['device']} (JAX {r['jax']}):")

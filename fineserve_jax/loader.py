@@ -88,12 +88,16 @@ def _kv_roundtrip(x, kv_dtype: str):
 
 
 def load_model(path_or_preset: str, quant: "str | Preset" = "org", dtype: str = "bfloat16",
-               seed: int = 0, calibration: Optional[np.ndarray] = None) -> Model:
+               seed: int = 0, calibration: Optional[np.ndarray] = None,
+               random_weights: bool = False, num_layers: Optional[int] = None) -> Model:
     """Load a model by embedded preset name (random weights from `seed`) or HF directory.
 
     `quant` names a precision preset (`fineserve_jax.formats.PRESETS`); quantized presets
     are produced by post-training quantization on load. `dtype` is the dtype of the
     unquantized parameters and activations ("float32" or "bfloat16").
+    `random_weights=True` also accepts a real-size shape preset (e.g. "llama-3.1-8b") and
+    fills it with random weights: for benchmarks on a machine with the memory for it.
+    `num_layers` overrides a preset's depth (shape-reduced benchmarks).
     """
     preset = get_preset(quant)
     if os.path.isdir(path_or_preset):
@@ -101,15 +105,18 @@ def load_model(path_or_preset: str, quant: "str | Preset" = "org", dtype: str = 
         cfg = module.config
         tok = load_tokenizer(path_or_preset, cfg.bos_token_id, cfg.eos_token_id)
         name, source = cfg.name or os.path.basename(os.path.abspath(path_or_preset)), path_or_preset
-    elif path_or_preset in model_presets.TINY:
-        cfg = model_presets.TINY[path_or_preset]
+    elif path_or_preset in model_presets.TINY or (random_weights and path_or_preset in model_presets.REAL):
+        cfg = model_presets.ALL[path_or_preset]
+        if num_layers:
+            cfg = cfg.replace(num_layers=num_layers)
         module = Transformer(cfg, dtype=checkpoint._dtype(dtype), rngs=nnx.Rngs(seed))
         tok = load_tokenizer(None)
         name, source = path_or_preset, None
     elif path_or_preset in model_presets.REAL:
         raise ValueError(
             f"{path_or_preset!r} is a shape-only preset (no weights are shipped); pass an HF "
-            f"checkpoint directory, or use a tiny preset: {', '.join(model_presets.TINY)}")
+            f"checkpoint directory, random_weights=True for a random-weight model of this "
+            f"shape, or a tiny preset: {', '.join(model_presets.TINY)}")
     else:
         raise ValueError(
             f"{path_or_preset!r} is neither a directory nor a model preset; presets: "
