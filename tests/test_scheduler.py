@@ -8,19 +8,9 @@ from fineserve_jax.engine.sampling_params import SamplingParams
 from fineserve_jax.kvslab import SlabAllocator
 from fineserve_jax.scheduler.execution import ModelLimits
 from fineserve_jax.scheduler.local import LocalScheduler, ModelEntry, SchedulerConfig
+from mock_cost import FixedCost
 
 
-class FixedCost:
-    """Mock cost model: prefill 1 ms per token, decode 2 ms per step."""
-
-    def prefill_time(self, model, num_tokens, num_seqs=1):
-        return 1e-3 * num_tokens
-
-    def decode_time(self, model, batch, context=0.0):
-        return 2e-3
-
-    def observe(self, *a):
-        pass
 
 
 def make(num_slabs=16, config=SchedulerConfig(), models=("a", "b"), block_bytes=(64, 96)):

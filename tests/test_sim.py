@@ -20,6 +20,7 @@ from fineserve_jax.scheduler.plan import ClusterSpec, PlacedModel, PlacementPlan
 from fineserve_jax.sim import SYSTEMS, SimConfig, get_system, route, run_system, simulate
 from fineserve_jax.sim.fleets import fleet_workload, get_fleet, pair8b
 from fineserve_jax.workload.spec import WorkloadRequest
+from mock_cost import FixedCost
 
 logging.getLogger("fineserve_jax.scheduler.cost_model").setLevel(logging.ERROR)
 
@@ -146,7 +147,7 @@ def test_static_partitions_do_not_block_other_models():
     per-model allocators), and preemption picks a victim of the same model."""
     allocs = {"a": SlabAllocator(3, 64), "b": SlabAllocator(8, 64)}  # a: 2 blocks, b: 7 blocks
     entries = {m: ModelEntry(m, "org", 64, 4, ModelLimits(64, 8, 8)) for m in allocs}
-    sched = LocalScheduler(entries, None, LinearCostStep(), SchedulerConfig(admission="fcfs", execution="fcfs"),
+    sched = LocalScheduler(entries, None, FixedCost(), SchedulerConfig(admission="fcfs", execution="fcfs"),
                            allocators=allocs)
     seqs = [RequestState(i, m, [3] * 8, SamplingParams(max_tokens=2, ignore_eos=True), 0.0, None)
             for i, m in enumerate(["a", "a", "b"])]
@@ -156,18 +157,9 @@ def test_static_partitions_do_not_block_other_models():
     assert [s.status.value for s in seqs] == ["running", "waiting", "running"]
     assert allocs["a"].used_bytes == 128 and allocs["b"].used_bytes == 128
     with pytest.raises(ValueError, match="no KV partition"):
-        LocalScheduler(entries, None, LinearCostStep(), allocators={"a": allocs["a"]})
+        LocalScheduler(entries, None, FixedCost(), allocators={"a": allocs["a"]})
 
 
-class LinearCostStep:
-    def prefill_time(self, model, num_tokens, num_seqs=1):
-        return 1e-3 * num_tokens
-
-    def decode_time(self, model, batch, context=0.0):
-        return 2e-3
-
-    def observe(self, *a):
-        pass
 
 
 def test_static_partition_memory_comes_from_the_plan():
