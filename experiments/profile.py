@@ -36,6 +36,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 from absl import app, flags
 
+from fineserve_jax.scheduler.cost_model import PROFILE_COLUMNS as COLUMNS
+
 _MODELS = flags.DEFINE_list("models", ["tiny-llama:org", "tiny-mistral:fp8_kv8", "tiny-qwen2:qoq"],
                             "config:preset entries to profile")
 _BATCH = flags.DEFINE_list("batch_sizes", ["1", "2", "4", "8"], "batch sizes")
@@ -50,9 +52,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "prompt and weight seed")
 _WAKEUP_IDLE = flags.DEFINE_float("wakeup_idle_s", 0.1, "also measure the extra cost of the first "
                                   "step after this long idle (0: skip)")
 _OUT = flags.DEFINE_string("output", "runs/profile/cpu-tiny.csv", "CSV to write")
-
-COLUMNS = ("model", "qformat", "tp", "mps_percentage", "batch_size", "input_len", "output_len",
-           "seq_len", "prefill_time", "decode_time", "ttft", "tpot", "e2e")
 
 
 def parse_models(entries: Sequence[str]):

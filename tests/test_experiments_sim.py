@@ -93,8 +93,7 @@ def test_profile_writes_the_fineserve_columns(tmp_path):
     path = tmp_path / "p.csv"
     run("experiments.profile", "--models=tiny-llama:org", "--batch_sizes=1,2", "--input_lens=16,32",
         "--reps=1", f"--output={path}", timeout=900)
-    from experiments.profile import COLUMNS
-    from fineserve_jax.scheduler.cost_model import CostModel
+    from fineserve_jax.scheduler.cost_model import PROFILE_COLUMNS as COLUMNS, CostModel
 
     with open(path) as f:
         rows = list(csv.DictReader(f))

@@ -74,6 +74,10 @@ from fineserve_jax.formats import KV_BITS, PRESETS, KVFormat, get_preset
 
 log = logging.getLogger(__name__)
 
+# The FineServe profile CSV columns (shared/data/profiles/*.csv, experiments/profile.py).
+PROFILE_COLUMNS = ("model", "qformat", "tp", "mps_percentage", "batch_size", "input_len",
+                   "output_len", "seq_len", "prefill_time", "decode_time", "ttft", "tpot", "e2e")
+
 MIN_TIME_S = 1e-6
 WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
 ACT_SPEED = {"bf16": 1.0, "fp8": 2.0, "int8": 2.0}
