@@ -9,13 +9,13 @@ sampled tokens update the requests, and finished ones free their blocks.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
 
+from fineserve_jax.engine.block_ops import BlockOps
 from fineserve_jax.engine.buckets import Buckets
 from fineserve_jax.engine.compile_counter import compile_count
 from fineserve_jax.engine.model_runner import ModelRunner
@@ -121,12 +121,13 @@ class Engine:
                                  ModelLimits(b.max_prefill, b.prefill_seqs, b.max_decode))
                    for n, f in self.formats.items()}
         self.scheduler = LocalScheduler(entries, self.allocator, self.cost, scheduler)
-        self._poison = self._compile_poison() if debug_poison else None
+        self.debug_poison = debug_poison
         if debug_poison:
             self.scheduler.freed_log = []
         self.compaction_interval = compaction_interval
         self.compaction_max_moves = compaction_max_moves
-        self._copy = self._compile_block_copy() if compaction_interval > 0 else None
+        self.block_ops = BlockOps(self.arena, self.formats.values(), compaction_max_moves,
+                                  copy=compaction_interval > 0, poison=debug_poison)
         self.compaction_stats = {"runs": 0, "moved_blocks": 0, "moved_bytes": 0, "freed_slabs": 0}
         self.warmup_compiles = compile_count() - c0
         self._c_ready = compile_count()
@@ -209,7 +210,7 @@ class Engine:
         `while_device_runs` is host work done between dispatching the step and reading its
         tokens back (the engine's own loop takes in new arrivals there).
         """
-        if (self._copy is not None and self.scheduler.waiting
+        if (self.compaction_interval > 0 and self.scheduler.waiting
                 and self.num_steps % self.compaction_interval == 0):
             self.compact()  # requests wait for memory: give sparse slabs back to the pool
         now = self.now()
@@ -217,7 +218,7 @@ class Engine:
         for s in out.dropped:
             s.end(Status.DROPPED, now, "slo")
             self._ended.append(s)
-        if self._poison is not None:
+        if self.debug_poison:
             # Blocks freed by preemption/dropping may already be reallocated within this
             # schedule() call: poison them before the step writes its new KV.
             self._poison_freed()
@@ -243,44 +244,15 @@ class Engine:
         self.cost.observe(plan.model, plan.kind, size, time.perf_counter() - t0)
         done = self.scheduler.on_step_done(plan, host_tokens[: len(plan.seqs)].tolist(), self.now())
         self._ended.extend(done)
-        if self._poison is not None:
+        if self.debug_poison:
             self._poison_freed()
         self.num_steps += 1
         return True
 
-    _POISON_CHUNK = 64
-
-    def _compile_poison(self):
-        """Debug mode: per format, a compiled step that fills freed blocks with NaN bits, so
-        a read of KV a sequence does not own would show in its output."""
-        fns = {}
-        ids = jax.ShapeDtypeStruct((self._POISON_CHUNK,), np.int32)
-        sds = jax.ShapeDtypeStruct(self.arena.shape, self.arena.dtype)
-        for name, fmt in self.formats.items():
-            fn = jax.jit(functools.partial(arena_lib.poison_blocks, fmt=fmt), donate_argnums=0)
-            fns[name] = fn.lower(sds, block_ids=ids).compile()
-        return fns
-
     def _poison_freed(self) -> None:
         log, self.scheduler.freed_log = self.scheduler.freed_log, []
         for model, ids in log:
-            for i in range(0, len(ids), self._POISON_CHUNK):
-                chunk = np.full(self._POISON_CHUNK, np.iinfo(np.int32).max, np.int32)  # dropped
-                part = ids[i : i + self._POISON_CHUNK]
-                chunk[: len(part)] = part
-                self.arena = self._poison[model](self.arena, block_ids=chunk)
-
-    def _compile_block_copy(self):
-        """Per block size, a compiled device copy of `compaction_max_moves` blocks (padding
-        moves write out of range and are dropped)."""
-        fns = {}
-        ids = jax.ShapeDtypeStruct((self.compaction_max_moves,), np.int32)
-        sds = jax.ShapeDtypeStruct(self.arena.shape, self.arena.dtype)
-        for fmt in self.formats.values():
-            if fmt.block_bytes not in fns:
-                fn = jax.jit(functools.partial(arena_lib.copy_blocks, fmt=fmt), donate_argnums=0)
-                fns[fmt.block_bytes] = fn.lower(sds, src_block_ids=ids, dst_block_ids=ids).compile()
-        return fns
+            self.arena = self.block_ops.poison(self.arena, self.formats[model].block_bytes, ids)
 
     def compact(self) -> int:
         """Move live blocks out of the sparsest slabs so they return to the common pool
@@ -290,19 +262,15 @@ class Engine:
         if not plan.moves:
             return 0
         for b in plan.block_sizes:
-            src = np.full(self.compaction_max_moves, np.iinfo(np.int32).max, np.int32)
-            dst = src.copy()
-            pairs = [(m.src, m.dst) for m in plan.moves if m.block_bytes == b]
-            src[: len(pairs)], dst[: len(pairs)] = zip(*pairs)
-            self.arena = self._copy[b](self.arena, src_block_ids=src, dst_block_ids=dst)
+            moves = [m for m in plan.moves if m.block_bytes == b]
+            self.arena = self.block_ops.copy(self.arena, b, [m.src for m in moves],
+                                             [m.dst for m in moves])
         freed = apply_compaction(self.allocator, plan)
         self._rewrite_block_tables(plan)
-        if self._poison is not None:  # debug: a stale table entry would now read NaN
-            by_size = {f.block_bytes: n for n, f in self.formats.items()}
+        if self.debug_poison:  # a stale table entry would now read NaN
             for b in plan.block_sizes:
-                self.scheduler.freed_log.append((by_size[b], [m.src for m in plan.moves
-                                                              if m.block_bytes == b]))
-            self._poison_freed()
+                self.arena = self.block_ops.poison(
+                    self.arena, b, [m.src for m in plan.moves if m.block_bytes == b])
         st = self.compaction_stats
         st["runs"] += 1
         st["moved_blocks"] += plan.num_moves
