@@ -123,11 +123,14 @@ def test_mixed_workload_zero_recompiles_and_conservation(engine3):
 
 def test_preemption_when_arena_is_too_small():
     eng = Engine([ModelSpec("a", "tiny-llama", "org"), ModelSpec("b", "tiny-qwen2", "fp8_kv8")],
-                 arena_bytes=160 << 10, slab_target_bytes=16 << 10, max_model_len=128,
+                 arena_bytes=160 << 10, slab_target_bytes=16 << 10, max_model_len=1024,
                  tokens_per_block=8, buckets=SMALL, scheduler=SchedulerConfig(drop=False))
     reqs = [Request("ab"[i % 2], [1] + [5 + i] * 20, SamplingParams(max_tokens=60, ignore_eos=True))
             for i in range(8)]
-    outs = eng.run(reqs, realtime=False)
+    too_long = Request("a", [1] + [5] * 20, SamplingParams(max_tokens=100_000, ignore_eos=True))
+    outs = eng.run(reqs + [too_long], realtime=False)
+    assert outs[-1].status == "failed" and "arena holds only" in outs[-1].error
+    outs = outs[:-1]
     assert eng.scheduler.num_preemptions > 0
     assert all(o.status == "finished" and len(o.token_ids) == 60 for o in outs)
     # Preempted (recomputed) requests still decode exactly what an undisturbed run gives.

@@ -176,10 +176,13 @@ class Engine:
             return None, (f"prompt of {len(ids)} tokens exceeds the model's maximum of "
                           f"{limit - 1} prompt tokens (context {limit})")
         fmt = self.formats[req.model]
-        need = fmt.blocks_for_tokens(len(ids) + 1)
+        # A request must be able to finish alone, else preemption would cycle forever.
+        longest = min(len(ids) + req.sampling.max_tokens, limit)
+        need = fmt.blocks_for_tokens(longest)
         cap = (self.num_slabs - 1) * (self.slab_bytes // fmt.block_bytes)
         if need > cap:
-            return None, f"prompt needs {need} KV blocks but the arena holds only {cap}"
+            return None, (f"prompt + max_tokens ({longest} tokens) needs {need} KV blocks but "
+                          f"the arena holds only {cap} blocks of this model's format")
         return ids, None
 
     def submit(self, req: Request) -> RequestState:
@@ -324,6 +327,11 @@ class Engine:
             if not ran:
                 if nxt == len(order) and not self.scheduler.has_work:
                     break
+                if not any(self.scheduler.running.values()) and self.scheduler.waiting and \
+                        self.allocator.used_bytes == 0 and nxt == len(order):
+                    # Validation guarantees a lone request fits; never spin if that breaks.
+                    raise RuntimeError(f"scheduler stalled with {len(self.scheduler.waiting)} "
+                                       f"waiting requests and an empty arena")
                 if nxt < len(order):
                     wait = requests[order[nxt]].arrival_s - self.now()
                     if wait > 0 and not self.scheduler.has_work:
