@@ -19,7 +19,7 @@ class CheckpointError(ValueError):
     """A checkpoint directory the framework cannot load faithfully."""
 
 
-def _dtype(dtype) -> jnp.dtype:
+def parse_dtype(dtype) -> jnp.dtype:
     names = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
     if isinstance(dtype, str):
         if dtype not in names:
@@ -102,7 +102,7 @@ def _hf_param_map(cfg: ModelConfig) -> Iterator[Tuple[Tuple, str, bool]]:
 
 def abstract_model(cfg: ModelConfig, dtype="float32") -> Transformer:
     """A `Transformer` whose arrays are shape/dtype placeholders (no memory, no init)."""
-    dt = _dtype(dtype)
+    dt = parse_dtype(dtype)
     return nnx.eval_shape(lambda: Transformer(cfg, dtype=dt, rngs=nnx.Rngs(0)))
 
 
@@ -113,7 +113,7 @@ def load_hf_checkpoint(path: str, dtype="float32") -> Transformer:
     unsupported architecture, a missing config field.
     """
     cfg = read_hf_config(path)
-    dt = _dtype(dtype)
+    dt = parse_dtype(dtype)
     tensors = SafetensorsDir(path)
     model = abstract_model(cfg, dtype)
     graphdef, state = nnx.split(model)

@@ -109,7 +109,7 @@ def load_model(path_or_preset: str, quant: "str | Preset" = "org", dtype: str = 
         cfg = model_presets.ALL[path_or_preset]
         if num_layers:
             cfg = cfg.replace(num_layers=num_layers)
-        module = Transformer(cfg, dtype=checkpoint._dtype(dtype), rngs=nnx.Rngs(seed))
+        module = Transformer(cfg, dtype=checkpoint.parse_dtype(dtype), rngs=nnx.Rngs(seed))
         tok = load_tokenizer(None)
         name, source = path_or_preset, None
     elif path_or_preset in model_presets.REAL:

@@ -25,7 +25,6 @@ from jax.experimental import pallas as pl
 
 from fineserve_jax.formats import KVFormat
 from pallas_kernels import kv_unpack, tile_math
-from pallas_kernels.tile_math import check_triton_format, is_pow2
 from pallas_kernels.triton_compat import SQUEEZED as _S
 from pallas_kernels.triton_compat import compiler_params, load
 
@@ -103,17 +102,10 @@ def decode_attention_triton(q: jax.Array, kv_view: jax.Array, block_tables: jax.
         None: 16 on GPU, 1 interpreted).
     Returns: `[B, Hq, D]` in q's dtype.
     """
-    check_triton_format(fmt)
+    g, blocks_per_step = tile_math.check_query_geometry(q.shape, fmt, blocks_per_step, interpret)
     bsz, hq, d = q.shape
-    h, e, dw, t = fmt.num_kv_heads, fmt.elems_per_word, fmt.data_words, fmt.tokens_per_block
-    if d != fmt.head_dim or hq % h:
-        raise ValueError(f"q {q.shape} does not match {fmt.describe()}")
+    h, e, dw = fmt.num_kv_heads, fmt.elems_per_word, fmt.data_words
     width = block_tables.shape[1]
-    g = hq // h
-    if blocks_per_step is None:
-        blocks_per_step = max(1, 64 // t) if not interpret else 1
-    if not is_pow2(blocks_per_step):
-        raise ValueError(f"blocks_per_step must be a power of 2, got {blocks_per_step}")
     if min_group_rows is None:
         min_group_rows = 1 if interpret else 16
     gp = pl.next_power_of_2(max(g, min_group_rows))

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 
 from fineserve_jax.formats import KVFormat
 from pallas_kernels import kv_unpack, tile_math
-from pallas_kernels.tile_math import check_triton_format, is_pow2
+from pallas_kernels.tile_math import is_pow2
 from pallas_kernels.triton_compat import compiler_params, load, store
 
 __all__ = ["prefill_attention_triton", "query_tiles"]
@@ -125,21 +125,15 @@ def prefill_attention_triton(q: jax.Array, kv_view: jax.Array, block_tables: jax
       blocks_per_step: KV blocks per inner tile (power of 2; None: 64 tokens on GPU, 1).
     Returns: `[N, Hq, D]` in q's dtype.
     """
-    check_triton_format(fmt)
+    g, blocks_per_step = tile_math.check_query_geometry(q.shape, fmt, blocks_per_step, interpret)
     n, hq, d = q.shape
-    h, e, dw, t = fmt.num_kv_heads, fmt.elems_per_word, fmt.data_words, fmt.tokens_per_block
-    if d != fmt.head_dim or hq % h:
-        raise ValueError(f"q {q.shape} does not match {fmt.describe()}")
+    h, e, dw = fmt.num_kv_heads, fmt.elems_per_word, fmt.data_words
     num_seqs, width = block_tables.shape
-    g = hq // h
     gp = pl.next_power_of_2(g)
     if q_tile is None:
         q_tile = 4 if interpret else max(1, 64 // gp)
-    if blocks_per_step is None:
-        blocks_per_step = 1 if interpret else max(1, 64 // t)
-    if not (is_pow2(q_tile) and is_pow2(blocks_per_step)):
-        raise ValueError(f"q_tile {q_tile} and blocks_per_step {blocks_per_step} must be powers "
-                         f"of 2")
+    if not is_pow2(q_tile):
+        raise ValueError(f"q_tile must be a power of 2, got {q_tile}")
     cdt = tile_math.compute_dtype(q.dtype)
     q_pos = q_pos.astype(jnp.int32)
     tile_seq, tile_row0, tile_rows = query_tiles(q_seq.astype(jnp.int32), q_pos, num_seqs,

@@ -40,6 +40,23 @@ def check_triton_format(fmt: KVFormat) -> None:
             f"{fmt.tokens_per_block} and {fmt.head_dim}; use impl='reference'")
 
 
+def check_query_geometry(q_shape, fmt: KVFormat, blocks_per_step, interpret: bool):
+    """Shared checks of the decode and prefill kernels. q_shape `[rows, Hq, D]`.
+
+    Returns (group = Hq // kv_heads, blocks_per_step with its default: 64 tokens per inner
+    tile on GPU, one block when interpreted).
+    """
+    check_triton_format(fmt)
+    _, hq, d = q_shape
+    if d != fmt.head_dim or hq % fmt.num_kv_heads:
+        raise ValueError(f"q {tuple(q_shape)} does not match {fmt.describe()}")
+    if blocks_per_step is None:
+        blocks_per_step = 1 if interpret else max(1, 64 // fmt.tokens_per_block)
+    if not is_pow2(blocks_per_step):
+        raise ValueError(f"blocks_per_step must be a power of 2, got {blocks_per_step}")
+    return hq // fmt.num_kv_heads, blocks_per_step
+
+
 def compute_dtype(q_dtype) -> jnp.dtype:
     """Dot operand dtype: bf16/f16 queries use tensor-core dots with f32 accumulation
     (the dequantized KV is rounded to that dtype, as in every flash-attention kernel);

@@ -123,3 +123,12 @@ def test_host_overhead_benchmark_runs():
 
     r = measure(running=32, num_models=4, iters=50)
     assert r["running_requests"] == 32 and r["iterations"] == 50 and r["mean_ms"] > 0
+
+
+def test_token_slice_equals_slicing_prompt_plus_output():
+    s = seq(0, "a", prompt=5)
+    s.output_token_ids = [100, 101, 102]
+    whole = s.prompt_token_ids + s.output_token_ids
+    for a in range(len(whole)):
+        for b in range(a, len(whole) + 1):
+            assert s.token_slice(a, b) == whole[a:b], (a, b)

@@ -241,10 +241,15 @@ class Engine:
         tokens.copy_to_host_async()
         # Overlap: while the device runs, the host samples KV use and takes in arrivals.
         self.kv_samples.append((now, self.allocator.used_bytes, self._reserved_bytes()))
+        # If the host work outlasted the step, the elapsed time measures the host, not the
+        # device: then it is not fed to the cost model.
+        device_outlasted_host = True
         if while_device_runs is not None:
             while_device_runs()
+            device_outlasted_host = not tokens.is_ready()
         host_tokens = np.asarray(tokens)
-        self.cost.observe(plan.model, plan.kind, size, time.perf_counter() - t0)
+        if device_outlasted_host:
+            self.cost.observe(plan.model, plan.kind, size, time.perf_counter() - t0)
         done = self.scheduler.on_step_done(plan, host_tokens[: len(plan.seqs)].tolist(), self.now())
         self._ended.extend(done)
         if self.debug_poison:

@@ -67,9 +67,15 @@ class RequestState:
     def deadline_s(self) -> float:
         return self.arrival_s + (self.slo_ttft_s if self.slo_ttft_s is not None else float("inf"))
 
-    @property
-    def all_token_ids(self) -> List[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def token_slice(self, start: int, stop: int) -> List[int]:
+        """Tokens [start, stop) of prompt + output, without copying the whole sequence
+        (this runs for every row of every step)."""
+        p = len(self.prompt_token_ids)
+        if stop <= p:
+            return self.prompt_token_ids[start:stop]
+        if start >= p:
+            return self.output_token_ids[start - p : stop - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - p]
 
     @property
     def num_tokens(self) -> int:

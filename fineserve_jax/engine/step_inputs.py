@@ -74,7 +74,7 @@ def build_prefill(seqs: List[RequestState], chunks: List[int], num_tokens: int, 
         start = s.num_computed
         pos = np.arange(start, start + n, dtype=np.int32)
         sl = slice(at, at + n)
-        x.tokens[sl] = s.all_token_ids[start : start + n]
+        x.tokens[sl] = s.token_slice(start, start + n)
         x.positions[sl] = pos
         x.slot_block[sl] = np.asarray(s.block_ids, np.int32)[pos // tokens_per_block]
         x.slot_offset[sl] = pos % tokens_per_block
@@ -92,7 +92,7 @@ def build_decode(seqs: List[RequestState], rows: int, table_width: int,
     x = empty_inputs(rows, rows, table_width)
     for row, s in enumerate(seqs):
         pos = s.num_tokens - 1
-        x.tokens[row] = s.all_token_ids[-1]
+        x.tokens[row] = s.token_slice(pos, pos + 1)[0]
         x.positions[row] = pos
         x.slot_block[row] = s.block_ids[pos // tokens_per_block]
         x.slot_offset[row] = pos % tokens_per_block

@@ -92,10 +92,10 @@ def quantized_structure(cfg: ModelConfig, preset: "Preset | str",
     Restore target for `checkpoint.restore_params`. `dtype` is the float dtype of the
     unquantized parameters (embeddings, norms, lm_head, biases).
     """
-    from fineserve_jax.checkpoint import _dtype
+    from fineserve_jax.checkpoint import parse_dtype
 
     preset = get_preset(preset)
-    dt = _dtype(dtype)
+    dt = parse_dtype(dtype)
 
     def build():
         m = Transformer(cfg, dtype=dt, rngs=nnx.Rngs(0))

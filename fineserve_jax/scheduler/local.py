@@ -29,7 +29,6 @@ class ModelEntry:
 class SchedulerOutput:
     step: Optional[StepPlan]
     dropped: List[RequestState]
-    preempted: List[RequestState]
 
 
 @dataclasses.dataclass
@@ -176,7 +175,7 @@ class LocalScheduler:
     def _decodable(self) -> Dict[str, List[RequestState]]:
         return {m: [s for s in seqs if s.in_decode] for m, seqs in self.running.items()}
 
-    def _decode_plan(self, model: str, decodable, preempted) -> Optional[StepPlan]:
+    def _decode_plan(self, model: str, decodable) -> Optional[StepPlan]:
         batch = sorted(decodable[model], key=lambda s: s.admitted_s or 0.0)
         batch = batch[: self.models[model].limits.max_decode_seqs]
         out = []
@@ -191,7 +190,6 @@ class LocalScheduler:
                 except OutOfKVMemory:
                     victim = self._victim(s.model)
                     self._preempt(victim)
-                    preempted.append(victim)
                     if victim is s:
                         break
                     if victim in out:
@@ -206,7 +204,6 @@ class LocalScheduler:
 
     def schedule(self, now: float) -> SchedulerOutput:
         dropped: List[RequestState] = []
-        preempted: List[RequestState] = []
         policy = self.config.execution
         if policy == "saab":
             self._drop_hopeless(now, dropped)
@@ -214,31 +211,31 @@ class LocalScheduler:
         decodable = self._decodable()
         plan = None
         if policy == "saab":
-            plan = self._saab(now, decodable, preempted)
+            plan = self._saab(now, decodable)
         elif policy == "round_robin":
             names = list(self.models)
             for i in range(len(names)):
                 m = names[(self._rr + i) % len(names)]
                 plan = self._prefill_plan(m, now, False) or (
-                    self._decode_plan(m, decodable, preempted) if decodable[m] else None)
+                    self._decode_plan(m, decodable) if decodable[m] else None)
                 if plan:
                     self._rr = (self._rr + i + 1) % len(names)
                     break
         else:  # fcfs: the model of the oldest running request goes first
             for s in sorted((s for v in self.running.values() for s in v), key=lambda s: s.arrival_s):
                 plan = self._prefill_plan(s.model, now, False) or (
-                    self._decode_plan(s.model, decodable, preempted) if decodable[s.model] else None)
+                    self._decode_plan(s.model, decodable) if decodable[s.model] else None)
                 if plan:
                     break
         if plan:
             self._last_step_s[plan.model] = now
-        return SchedulerOutput(plan, dropped, preempted)
+        return SchedulerOutput(plan, dropped)
 
-    def _saab(self, now, decodable, preempted) -> Optional[StepPlan]:
+    def _saab(self, now, decodable) -> Optional[StepPlan]:
         # A decode batch that has waited too long goes first: TPOT matters too.
         dm = pick_decode_model(decodable, self._last_step_s)
         if dm is not None and now - self._last_step_s.get(dm, -1e9) > self.config.max_decode_gap_s:
-            plan = self._decode_plan(dm, decodable, preempted)
+            plan = self._decode_plan(dm, decodable)
             if plan:
                 return plan
             decodable = None  # it preempted sequences: recompute below
@@ -258,7 +255,7 @@ class LocalScheduler:
         if decodable is None:  # else unchanged: planning a prefill does not change sequences
             decodable = self._decodable()
         dm = pick_decode_model(decodable, self._last_step_s)
-        return self._decode_plan(dm, decodable, preempted) if dm else None
+        return self._decode_plan(dm, decodable) if dm else None
 
     # -- after a step -------------------------------------------------------------------
     def on_step_done(self, plan: StepPlan, tokens: List[int], now: float) -> List[RequestState]:
