@@ -23,15 +23,6 @@ import numpy as np
 
 from fineserve_jax.kvslab.allocator import SlabAllocator, block_byte_offset
 
-__all__ = [
-    "BlockMove",
-    "CompactionPlan",
-    "plan_compaction",
-    "apply_compaction",
-    "rewrite_block_tables",
-    "copy_blocks_numpy",
-    "moves_to_arrays",
-]
 
 
 @dataclasses.dataclass(frozen=True)
