@@ -25,8 +25,8 @@ def define_flags():
 
 def measure(running=256, num_models=4, iters=2000, seed=0):
     from fineserve_jax.engine.buckets import Buckets
-    from fineserve_jax.engine.request import RequestState
-    from fineserve_jax.engine.sampling_params import SamplingParams
+    from fineserve_jax.core.request import RequestState
+    from fineserve_jax.core.sampling_params import SamplingParams
     from fineserve_jax.engine.step_inputs import build_decode, build_prefill
     from fineserve_jax.formats import KVFormat
     from fineserve_jax.kvslab import SlabAllocator, choose_slab_bytes

@@ -66,8 +66,8 @@ def parse_models(entries: Sequence[str]):
 def measure(engine, name: str, batch: int, input_len: int, output_len: int, rng,
             next_id: List[int]) -> Dict[str, float]:
     """One run of `batch` identical-length requests queued at once; the profile row's times."""
-    from fineserve_jax.engine.request import Request
-    from fineserve_jax.engine.sampling_params import SamplingParams
+    from fineserve_jax.core.request import Request
+    from fineserve_jax.core.sampling_params import SamplingParams
 
     vocab = engine.models[name].config.vocab_size
     reqs = []

@@ -65,8 +65,8 @@ def _parse_models(entries):
 
 
 def build_requests(engine, names, rates, num, duration, seed, slos):
-    from fineserve_jax.engine.request import Request
-    from fineserve_jax.engine.sampling_params import SamplingParams
+    from fineserve_jax.core.request import Request
+    from fineserve_jax.core.sampling_params import SamplingParams
     from fineserve_jax.workload import LengthDist, ModelLoad, RequestLengths, generate_workload
 
     maxlen = _MAXLEN.value

@@ -97,8 +97,8 @@ def main(argv):
     del argv
     import jax
 
-    from fineserve_jax.engine.request import Request
-    from fineserve_jax.engine.sampling_params import SamplingParams
+    from fineserve_jax.core.request import Request
+    from fineserve_jax.core.sampling_params import SamplingParams
     from fineserve_jax.scheduler.cost_model import CostModel
     from fineserve_jax.scheduler.footprint import GiB, footprint
     from fineserve_jax.scheduler.local import SchedulerConfig

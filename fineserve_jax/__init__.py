@@ -16,7 +16,7 @@ _LAZY = {
     "Model": "fineserve_jax.loader",
     "load_model": "fineserve_jax.loader",
     "LLM": "fineserve_jax.engine.llm",
-    "SamplingParams": "fineserve_jax.engine.sampling_params",
+    "SamplingParams": "fineserve_jax.core.sampling_params",
     "Engine": "fineserve_jax.engine.device_engine",
 }
 

@@ -28,7 +28,7 @@ _DTYPE = flags.DEFINE_string("dtype", "float32", "float32 | bfloat16")
 
 def parse_lines(lines) -> List[Tuple[Optional[dict], Optional[str]]]:
     """-> per line (request dict, None) or (None, error)."""
-    from fineserve_jax.engine.sampling_params import SamplingParams
+    from fineserve_jax.core.sampling_params import SamplingParams
 
     out = []
     for n, line in enumerate(lines, 1):
@@ -53,8 +53,8 @@ def parse_lines(lines) -> List[Tuple[Optional[dict], Optional[str]]]:
 def run(model: str, quant: str, input_path: str, output_path: str, attention_impl="auto",
         max_model_len=512, dtype="float32", progress=True) -> int:
     """Generate for every line; returns the number of error lines."""
+    from fineserve_jax.core.sampling_params import SamplingParams
     from fineserve_jax.engine.llm import LLM
-    from fineserve_jax.engine.sampling_params import SamplingParams
 
     with open(input_path) as f:
         lines = [l for l in f.read().splitlines() if l.strip()]

@@ -81,7 +81,7 @@ class Model:
 
 def _kv_roundtrip(x, kv_dtype: str):
     """x [..., head_dim] -> the float32 values a KV cache of `kv_dtype` gives back."""
-    from fineserve_jax.quant.kv import dequantize_kv_rows, quantize_kv_rows
+    from fineserve_jax.formats.kv_codec import dequantize_kv_rows, quantize_kv_rows
 
     data, scales = quantize_kv_rows(x, kv_dtype)
     return dequantize_kv_rows(data, scales, kv_dtype, x.shape[-1]).astype(x.dtype)

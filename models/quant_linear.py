@@ -61,7 +61,7 @@ import numpy as np
 from flax import nnx
 
 from fineserve_jax.formats import FP8_E4M3_MAX, INT4_LEVELS, INT8_QMAX
-from fineserve_jax.quant.int4_pack import pack_int4, unpack_int4
+from fineserve_jax.formats.int4_pack import pack_int4, unpack_int4
 
 # Scales never go below this, so an all-zero row/group quantizes to zeros instead of 0/0.
 SCALE_FLOOR = 1e-12

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from fineserve_jax.formats import KVFormat
-from fineserve_jax.quant.kv import dequantize_kv_rows
-from pallas_kernels import layout
+from fineserve_jax.formats.kv_codec import dequantize_kv_rows
+from fineserve_jax.formats import kv_layout as layout
 
 __all__ = ["gather_windows", "gather_layer_kv"]
 

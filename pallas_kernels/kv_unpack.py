@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fineserve_jax.formats import KVFormat
-from pallas_kernels import layout
+from fineserve_jax.formats import kv_layout as layout
 from pallas_kernels.triton_compat import load
 
 __all__ = ["unpack_subwords", "load_kv_tile", "split_subwords", "merge_subwords"]

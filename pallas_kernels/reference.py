@@ -1,7 +1,7 @@
 """Pure-jnp paged attention over the KV arena: the test oracle, runs on every backend.
 
 Gather the blocks of each query's block-table row, dequantize with the storage format's
-definition (`fineserve_jax.quant.kv`), and run a masked softmax in float32. Decode is the
+definition (`fineserve_jax.formats.kv_codec`), and run a masked softmax in float32. Decode is the
 special case of prefill with one query per sequence at position `length - 1`.
 
 Cost: it materializes every query's whole (dequantized) context, `[N, W * tokens, kv_heads,

@@ -11,9 +11,9 @@ import pytest
 from fineserve_jax.formats import KV_DTYPES, KVFormat
 from fineserve_jax.kvslab import SlabAllocator, block_byte_offset
 from fineserve_jax.kvslab import arena as A
-from fineserve_jax.quant.kv import dequantize_kv_rows, quantize_kv_rows
+from fineserve_jax.formats.kv_codec import dequantize_kv_rows, quantize_kv_rows
 from pallas_kernels import decode_attention, masked_attention, prefill_attention
-from pallas_kernels import testing as T
+import kernel_testing as T
 
 # Attention over quantized K/V vs over the true K/V (unit-normal K, V, q; head_dim 16):
 # a sanity bound on the size of the quantization effect, per dtype.

@@ -9,8 +9,8 @@ import pytest
 from fineserve_jax.engine.buckets import Buckets
 from fineserve_jax.engine.device_engine import Engine, ModelSpec
 from fineserve_jax.engine.llm import LLM
-from fineserve_jax.engine.request import Request
-from fineserve_jax.engine.sampling_params import SamplingParams
+from fineserve_jax.core.request import Request
+from fineserve_jax.core.sampling_params import SamplingParams
 from fineserve_jax.scheduler.local import SchedulerConfig
 
 SMALL = Buckets(decode_sizes=(1, 4, 8), prefill_sizes=(16, 64), prefill_seqs=4)

@@ -17,7 +17,7 @@ import pytest
 from fineserve_jax.formats import KVFormat
 from fineserve_jax.kvslab import arena as A
 from pallas_kernels import decode_attention, resolve_impl
-from pallas_kernels import testing as T
+import kernel_testing as T
 from pallas_kernels.decode_triton import decode_attention_triton
 
 ATOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}

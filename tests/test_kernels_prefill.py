@@ -16,7 +16,7 @@ import pytest
 from fineserve_jax.formats import KVFormat
 from fineserve_jax.kvslab import arena as A
 from pallas_kernels import prefill_attention
-from pallas_kernels import testing as T
+import kernel_testing as T
 from pallas_kernels.prefill_triton import prefill_attention_triton, query_tiles
 
 ATOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fineserve_jax.formats import KV_DTYPES, KVFormat
-from fineserve_jax.quant.kv import dequantize_kv_rows, quantize_kv_rows
+from fineserve_jax.formats.kv_codec import dequantize_kv_rows, quantize_kv_rows
 from pallas_kernels import kv_unpack
 
 D = 32

@@ -18,7 +18,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fineserve_jax.quant.int4_pack import pack_int4, unpack_int4
+from fineserve_jax.formats.int4_pack import pack_int4, unpack_int4
 from models import quant_linear as ql
 from models.linear import Linear
 

@@ -3,8 +3,8 @@ fixed cost table and sampled tokens are a constant, so every outcome is exact.""
 
 import pytest
 
-from fineserve_jax.engine.request import RequestState, Status
-from fineserve_jax.engine.sampling_params import SamplingParams
+from fineserve_jax.core.request import RequestState, Status
+from fineserve_jax.core.sampling_params import SamplingParams
 from fineserve_jax.kvslab import SlabAllocator
 from fineserve_jax.scheduler.execution import ModelLimits
 from fineserve_jax.scheduler.local import LocalScheduler, ModelEntry, SchedulerConfig

@@ -8,8 +8,8 @@ import logging
 import pytest
 
 from fineserve_jax import metrics
-from fineserve_jax.engine.request import RequestState
-from fineserve_jax.engine.sampling_params import SamplingParams
+from fineserve_jax.core.request import RequestState
+from fineserve_jax.core.sampling_params import SamplingParams
 from fineserve_jax.kvslab import SlabAllocator
 from fineserve_jax.scheduler.cost_model import CostModel
 from fineserve_jax.scheduler.execution import ModelLimits

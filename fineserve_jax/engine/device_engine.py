@@ -15,14 +15,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import jax
 import numpy as np
 
+from fineserve_jax.core.request import Request, RequestState, Status
+from fineserve_jax.core.sampling_params import SamplingParams, stop_ids
 from fineserve_jax.engine.block_ops import BlockOps
 from fineserve_jax.engine.buckets import Buckets
 from fineserve_jax.engine.compile_counter import compile_count
 from fineserve_jax.engine.model_runner import ModelRunner
-from fineserve_jax.engine.request import Request, RequestState, Status
-from fineserve_jax.engine.sampling_params import SamplingParams, stop_ids
 from fineserve_jax.engine.step_inputs import build_decode, build_prefill
-from fineserve_jax.kvslab import SlabAllocator, apply_compaction, choose_slab_bytes, plan_compaction
+from fineserve_jax.kvslab import (
+    SlabAllocator,
+    apply_compaction,
+    choose_slab_bytes,
+    plan_compaction,
+)
 from fineserve_jax.kvslab import arena as arena_lib
 from fineserve_jax.loader import Model, load_model
 from fineserve_jax.metrics import RequestRecord

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import List, Sequence, Union
 
+from fineserve_jax.core.request import Request
+from fineserve_jax.core.sampling_params import SamplingParams
 from fineserve_jax.engine.device_engine import Engine, ModelSpec, RequestOutput
-from fineserve_jax.engine.request import Request
-from fineserve_jax.engine.sampling_params import SamplingParams
 from fineserve_jax.scheduler.local import SchedulerConfig
 
 

@@ -13,7 +13,7 @@ from typing import List
 import jax
 import numpy as np
 
-from fineserve_jax.engine.request import RequestState
+from fineserve_jax.core.request import RequestState
 
 
 @jax.tree_util.register_dataclass

@@ -20,7 +20,11 @@ from fineserve_jax.kvslab.compaction import (
     plan_compaction,
     rewrite_block_tables,
 )
-from fineserve_jax.kvslab.slab_size import SlabSizeChoice, choose_slab_bytes, num_slabs_for_arena
+from fineserve_jax.kvslab.slab_size import (
+    SlabSizeChoice,
+    choose_slab_bytes,
+    num_slabs_for_arena,
+)
 
 __all__ = [
     "SlabAllocator",

@@ -24,7 +24,6 @@ import numpy as np
 from fineserve_jax.kvslab.allocator import SlabAllocator, block_byte_offset
 
 
-
 @dataclasses.dataclass(frozen=True)
 class BlockMove:
     """Copy block `src` to free block `dst` (both ids of size `block_bytes`)."""

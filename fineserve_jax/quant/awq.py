@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fineserve_jax.quant.projections import projection_layers
+
 # Default calibration when none is given: uniform random token ids (seeded, so quantizing
 # the same checkpoint twice gives bit-identical weights). Real text is better; random ids
 # still exercise every projection with the model's own activation statistics.
@@ -77,8 +79,6 @@ def collect_projection_inputs(module, calibration: np.ndarray,
     calibration: int token ids [n_seqs, seq_len]. N = min(n_seqs * seq_len, max_tokens)
     rows, evenly spaced over all tokens (deterministic). The module is restored afterwards.
     """
-    from fineserve_jax.quant.ptq import projection_layers
-
     calibration = np.asarray(calibration)
     if calibration.ndim != 2 or not np.issubdtype(calibration.dtype, np.integer):
         raise ValueError(f"calibration must be int token ids [n_seqs, seq_len], got "
@@ -170,8 +170,6 @@ def search_act_scales(module, layer_cls, group_size: int,
     calibration: int token ids [n_seqs, seq_len]; None -> `default_calibration(vocab)`.
     layer_cls: the quantized layer the scales are searched for (e.g. `Int4Linear`).
     """
-    from fineserve_jax.quant.ptq import projection_layers
-
     if calibration is None:
         calibration = default_calibration(module.config.vocab_size)
     inputs = collect_projection_inputs(module, calibration, max_tokens)

@@ -15,7 +15,7 @@ Quantized models save with `checkpoint.save_params` and restore into
 from __future__ import annotations
 
 import math
-from typing import Iterator, Mapping, Optional, Tuple
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,25 +23,11 @@ import numpy as np
 from flax import nnx
 
 from fineserve_jax.formats import Preset, get_preset
+from fineserve_jax.quant.projections import PROJECTIONS, projection_layers
 from models.config import ModelConfig
 from models.linear import Linear
 from models.quant_linear import QuantLinear, layer_class
 from models.transformer import Transformer
-
-# The projections of a decoder layer, by sub-module (HF names).
-PROJECTIONS = {
-    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-}
-
-
-def projection_layers(module: Transformer) -> Iterator[Tuple[str, nnx.Module, str]]:
-    """(path like "layers.0.self_attn.q_proj", parent module, attribute name) per projection."""
-    for i, layer in enumerate(module.layers):
-        for block_name, names in PROJECTIONS.items():
-            block = getattr(layer, block_name)
-            for name in names:
-                yield f"layers.{i}.{block_name}.{name}", block, name
 
 
 def _swap_projections(module: Transformer, preset: Preset,

@@ -6,10 +6,23 @@ Pure Python: importing this package (or any module in it) never imports JAX. The
 are the light placement API; import the other modules explicitly.
 """
 
-from fineserve_jax.scheduler.placement import (POLICIES, PlacementConfig, PlacementError, Replan,
-                                               ServedModel, place, replan)
-from fineserve_jax.scheduler.plan import (ClusterSpec, DevicePlan, PlacedModel, PlacementPlan,
-                                          PlanError, check_plan)
+from fineserve_jax.scheduler.placement import (
+                                               POLICIES,
+                                               PlacementConfig,
+                                               PlacementError,
+                                               Replan,
+                                               ServedModel,
+                                               place,
+                                               replan,
+)
+from fineserve_jax.scheduler.plan import (
+                                               ClusterSpec,
+                                               DevicePlan,
+                                               PlacedModel,
+                                               PlacementPlan,
+                                               PlanError,
+                                               check_plan,
+)
 
 __all__ = ["POLICIES", "PlacementConfig", "PlacementError", "Replan", "ServedModel", "place",
            "replan", "ClusterSpec", "DevicePlan", "PlacedModel", "PlacementPlan", "PlanError",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, List
 
-from fineserve_jax.engine.request import RequestState
+from fineserve_jax.core.request import RequestState
 
 # Relative speed rank of presets: lower is admitted earlier by the precision-aware policy
 # (smaller KV and weights: more requests per byte, shorter steps).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional, Tuple
 
-from fineserve_jax.engine.request import RequestState
+from fineserve_jax.core.request import RequestState
 
 EXECUTION_POLICIES = ("saab", "round_robin", "fcfs")
 

@@ -7,11 +7,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional
 
-from fineserve_jax.engine.request import RequestState, Status
+from fineserve_jax.core.request import RequestState, Status
 from fineserve_jax.kvslab import OutOfKVMemory, SlabAllocator
 from fineserve_jax.scheduler.admission import admission_key, order_waiting
-from fineserve_jax.scheduler.execution import (EXECUTION_POLICIES, ModelLimits, StepPlan,
-                                               pack_prefill, pick_decode_model)
+from fineserve_jax.scheduler.execution import (
+    EXECUTION_POLICIES,
+    ModelLimits,
+    StepPlan,
+    pack_prefill,
+    pick_decode_model,
+)
 
 
 @dataclasses.dataclass(frozen=True)

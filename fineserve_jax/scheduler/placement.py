@@ -45,10 +45,21 @@ import math
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fineserve_jax.scheduler.footprint import GiB, footprint
-from fineserve_jax.scheduler.load_estimate import (DeviceEstimate, ModelProfile, estimate_device,
-                                                   profile_model, split_partitions)
-from fineserve_jax.scheduler.plan import (ClusterSpec, DevicePlan, PlacedModel, PlacementPlan,
-                                          check_plan, device_capacity_bytes)
+from fineserve_jax.scheduler.load_estimate import (
+    DeviceEstimate,
+    ModelProfile,
+    estimate_device,
+    profile_model,
+    split_partitions,
+)
+from fineserve_jax.scheduler.plan import (
+    ClusterSpec,
+    DevicePlan,
+    PlacedModel,
+    PlacementPlan,
+    check_plan,
+    device_capacity_bytes,
+)
 
 POLICIES = ("fineserve", "muxserve", "prism", "spatial")
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import sys
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence

@@ -14,8 +14,8 @@ import dataclasses
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from fineserve_jax.engine.request import RequestState, Status
-from fineserve_jax.engine.sampling_params import SamplingParams
+from fineserve_jax.core.request import RequestState, Status
+from fineserve_jax.core.sampling_params import SamplingParams
 from fineserve_jax.kvslab import SlabAllocator, choose_slab_bytes, num_slabs_for_arena
 from fineserve_jax.metrics import RequestRecord
 from fineserve_jax.scheduler.execution import ModelLimits

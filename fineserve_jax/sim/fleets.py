@@ -19,8 +19,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from fineserve_jax.scheduler.placement import ServedModel
 from fineserve_jax.scheduler.plan import ClusterSpec
-from fineserve_jax.workload.lengths import LMSYS_MEANS, SHAREGPT_MEANS
 from fineserve_jax.workload.arrivals import power_law_weights
+from fineserve_jax.workload.lengths import LMSYS_MEANS, SHAREGPT_MEANS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,12 @@ from fineserve_jax.workload.spec import (
     generate_workload,
     workload_stats,
 )
-from fineserve_jax.workload.traces import Trace, TraceError, load_azure_trace, replay_trace
+from fineserve_jax.workload.traces import (
+    Trace,
+    TraceError,
+    load_azure_trace,
+    replay_trace,
+)
 
 __all__ = [
     "ARRIVAL_PROCESSES", "arrival_times", "empirical_cv", "inter_arrival_gaps",

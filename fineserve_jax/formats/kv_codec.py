@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fineserve_jax.formats import (
+from fineserve_jax.formats.kv_format import (
     FP8_E4M3_MAX,
     INT4_LEVELS,
     INT8_QMAX,

@@ -10,7 +10,7 @@ import dataclasses
 import enum
 from typing import List, Optional, Sequence, Union
 
-from fineserve_jax.engine.sampling_params import SamplingParams
+from fineserve_jax.core.sampling_params import SamplingParams
 from fineserve_jax.metrics import RequestRecord
 
 

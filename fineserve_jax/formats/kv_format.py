@@ -1,4 +1,4 @@
-"""Precision presets and KV block formats.
+"""KV block formats: the KV dtypes and the byte layout of one block.
 
 Pure Python (no JAX): the allocator, the scheduler, the cost model and the simulator
 read these values; the arena, the kernels and the model loader read them too.
@@ -22,7 +22,6 @@ Per-row quantization (one row = one layer, K or V, kv head, token):
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
 
 # --- KV dtypes -------------------------------------------------------------------------
 
@@ -110,50 +109,3 @@ class KVFormat:
             f"{self.tokens_per_block} tok/block = {self.block_bytes} B/block "
             f"({self.bytes_per_token} B/token)"
         )
-
-
-# --- precision presets -----------------------------------------------------------------
-
-WEIGHT_FORMATS = ("bf16", "fp8", "int8", "int4")
-ACTIVATION_FORMATS = ("bf16", "fp8", "int8")
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """A (weights, activations, KV) precision triple, named after the FineServe paper."""
-
-    name: str
-    weights: str
-    activations: str
-    kv: str
-    group_size: int = 128  # int8/int4 weight groups along the input dimension
-    awq: bool = False  # activation-aware per-channel scaling during PTQ
-
-    @property
-    def is_quantized(self) -> bool:
-        return (self.weights, self.activations, self.kv) != ("bf16", "bf16", "bf16")
-
-
-PRESETS: Mapping[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset("org", "bf16", "bf16", "bf16"),
-        Preset("fp8", "fp8", "fp8", "bf16"),
-        Preset("fp8_kv8", "fp8", "fp8", "fp8"),
-        Preset("awq", "int4", "bf16", "bf16", awq=True),
-        Preset("qoq", "int4", "int8", "int4", awq=True),
-        Preset("int8", "int8", "bf16", "bf16"),
-        Preset("int8_kv8", "int8", "bf16", "int8"),
-    )
-}
-
-
-def get_preset(name: "str | Preset") -> Preset:
-    if isinstance(name, Preset):
-        return name
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown precision preset {name!r}; valid presets: {', '.join(PRESETS)}"
-        ) from None

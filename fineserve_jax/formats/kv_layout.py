@@ -13,7 +13,7 @@ separate so that arenas above 2**31 words are addressed through a 2-D view).
 
 from __future__ import annotations
 
-from fineserve_jax.formats import KVFormat
+from fineserve_jax.formats.kv_format import KVFormat
 
 __all__ = ["row_index", "data_offset", "scale_offset", "check_layer"]
 
