@@ -14,17 +14,15 @@ managers of the same byte size, all built from `SlabAllocator`:
                  sized by mean demand; formats of the same depth share slabs inside it.
   (slab_arena+compaction with --compact_every > 0: the arena plus periodic compaction.)
 
-One tick = one engine iteration. Per tick: (1) arrivals join their model's FCFS queue;
-(2) every running request decodes one token, allocating a block at each block boundary; if
-a pool cannot supply it, the most recently admitted request of the same KV format in that
-pool is preempted (blocks freed, re-queued at the front, recomputed on re-admission),
-possibly the grower itself; (3) requests that produced their last token free their blocks;
-(4) queue heads are admitted, earliest arrival first among the models of a pool, while the
-pool holds their prompt (+ tokens generated before a preemption) with a `--watermark`
-fraction of the pool left free; a head that does not fit blocks its own model's queue only
-(a head-of-line block across models would strand the free blocks of the other formats); the
-prefill samples the first output token. Requests longer than a pool can ever hold are rejected at arrival. Arrivals stop
-at `--ticks`; the run continues until every request has ended (finished or rejected).
+The memory managers are configurations of the engine's own device loop
+(`fineserve_jax.core.loop`, the code that serves and that the simulator runs), not a second
+simulator: the same submission rule (a request that could never fit its pool fails at once),
+FCFS admission in strict order within a pool with `--watermark` of the pool kept free, the
+same preemption (the latest-admitted request of the pool is recomputed), the same compaction
+(`--compact_every` steps while requests wait). A fixed-cost executor runs the steps
+(round-robin over the models, every prefill or decode step 1/3 tick), so one tick is one
+round of every model's step and a running request decodes about one token per tick. Arrivals
+stop at `--ticks`; the run continues until every request has ended.
 
     python -m experiments.fragmentation [--output_dir=runs/fragmentation] [--seed=0]
 
@@ -46,15 +44,15 @@ from typing import List, Sequence
 import numpy as np
 from absl import app, flags
 
+from fineserve_jax.core.clock import VirtualClock
+from fineserve_jax.core.executor import FixedCostExecutor
+from fineserve_jax.core.loop import DeviceLoop, LoopConfig
+from fineserve_jax.core.model_entry import ModelEntry, ModelLimits
+from fineserve_jax.core.request import Request
+from fineserve_jax.core.sampling_params import SamplingParams
 from fineserve_jax.formats import KVFormat
-from fineserve_jax.kvslab import (
-    OutOfKVMemory,
-    SlabAllocator,
-    apply_compaction,
-    choose_slab_bytes,
-    num_slabs_for_arena,
-    plan_compaction,
-)
+from fineserve_jax.kvslab import SlabAllocator, device_slab_bytes, num_slabs_for_arena
+from fineserve_jax.scheduler.local import LocalScheduler, SchedulerConfig
 from models.presets import get_model_config
 
 FLAGS = flags.FLAGS
@@ -76,7 +74,7 @@ flags.DEFINE_float("watermark", 0.01, "Fraction of a pool kept free at admission
 flags.DEFINE_integer("compact_every", 10, "If > 0, also run the arena with compaction every N "
                      "ticks (budget --compact_max_moves blocks); 0: three managers only.")
 flags.DEFINE_integer("compact_max_moves", 256, "Block moves per compaction.")
-flags.DEFINE_integer("max_drain_ticks", 200000, "Give up draining after this many ticks.")
+flags.DEFINE_integer("sample_every", 1, "Sample the time series every this many ticks.")
 
 GiB = 1 << 30
 
@@ -194,12 +192,14 @@ class Pool:
     name: str
     models: tuple
     alloc: SlabAllocator
-    slab_mode: str
     budget_bytes: int
 
 
 @dataclasses.dataclass
 class Manager:
+    """A KV memory configuration of the device loop: its pools (one shared arena, or static
+    shares) and whether the loop compacts slabs."""
+
     name: str
     pools: List[Pool]
     pool_of: List[int]  # model index -> pool index
@@ -218,16 +218,16 @@ def build_manager(name: str, groups: Sequence[Sequence[int]], models: Sequence[M
                   demand_bytes: np.ndarray, arena_bytes: int, target_slab_bytes: int,
                   **extra) -> Manager:
     """Split the arena among `groups` of models by their mean demand; one SlabAllocator per
-    group, its slab size chosen by `choose_slab_bytes` from the group's block sizes (for a
-    single format that is the block itself)."""
+    group, its slab size the device arena's rule (`device_slab_bytes`: a common multiple of
+    the group's block sizes, for a single format the block scaled to near the target)."""
     total = float(sum(demand_bytes[m] for g in groups for m in g))
     pools, pool_of = [], [0] * len(models)
     for gi, g in enumerate(groups):
         budget = int(arena_bytes * sum(demand_bytes[m] for m in g) / total)
-        choice = choose_slab_bytes([models[m].block_bytes for m in g], target_slab_bytes)
-        alloc = SlabAllocator(num_slabs_for_arena(budget, choice.slab_bytes), choice.slab_bytes)
-        pools.append(Pool("+".join(models[m].name for m in g), tuple(g), alloc, choice.mode,
-                          budget))
+        blocks = [models[m].block_bytes for m in g]
+        slab = device_slab_bytes(blocks, target_slab_bytes) if len(g) > 1 else blocks[0]
+        alloc = SlabAllocator(num_slabs_for_arena(budget, slab), slab)
+        pools.append(Pool("+".join(models[m].name for m in g), tuple(g), alloc, budget))
         for m in g:
             pool_of[m] = gi
     return Manager(name, pools, pool_of, arena_bytes, **extra)
@@ -254,220 +254,99 @@ def standard_managers(models: Sequence[ModelSpec], demand_bytes, arena_bytes: in
     return out
 
 
-# --- simulation ------------------------------------------------------------------------------
+# --- simulation: the device loop ---------------------------------------------------------------
 
 
-class _Req:
-    __slots__ = ("rid", "m", "arrival", "prompt", "output", "gen", "L0", "ta", "blocks",
-                 "epoch", "first_admit", "preemptions", "end", "end_tick", "seq")
+def device_loop(manager: Manager, models: Sequence[ModelSpec], tokens_per_block: int,
+                max_tokens: int, watermark: float):
+    """The engine's device loop over this manager's pools: FCFS admission (strict order
+    within a pool, `watermark` of a pool kept free), round-robin steps over the models, and
+    a fixed-cost executor whose every step takes 1 / (number of models) ticks, so that a
+    round of all models' decode steps is one tick."""
+    big = 1 << 20  # step limits never bind: every running request decodes in its model's step
+    entries = {m.name: ModelEntry(m.name, m.fmt.kv_dtype, m.block_bytes, tokens_per_block,
+                                  ModelLimits(big, big, big), max_len=max_tokens + 1)
+               for m in models}
+    pools = [manager.pools[manager.pool_of[i]].alloc for i in range(len(models))]
+    shared = len(manager.pools) == 1
+    sched = LocalScheduler(
+        entries, pools[0] if shared else None, _NoCost(),
+        SchedulerConfig(admission="fcfs", execution="round_robin", drop=False, watermark=watermark),
+        allocators=None if shared else {m.name: a for m, a in zip(models, pools)})
+    tick = 1.0 / len(models)
+    executor = FixedCostExecutor(prefill_s=tick, prefill_s_per_token=0.0, decode_s=tick)
+    return DeviceLoop(sched, executor, VirtualClock(),
+                      config=LoopConfig(manager.compact_every, manager.compact_max_moves or 1,
+                                        kv_sample_interval_s=1.0))
 
-    def __init__(self, rid, m, arrival, prompt, output):
-        self.rid, self.m, self.arrival = rid, m, arrival
-        self.prompt, self.output = prompt, output
-        self.gen = 0  # output tokens generated before the current admission
-        self.L0 = self.ta = self.seq = 0
-        self.blocks: List[int] = []
-        self.epoch = 0  # bumped by preemption: invalidates scheduled events
-        self.first_admit = -1
-        self.preemptions = 0
-        self.end = None  # "finished" | "rejected"
-        self.end_tick = -1
+
+class _NoCost:
+    """FCFS admission and round-robin execution never ask for step times."""
+
+    def observe(self, *args) -> None:
+        pass
 
 
 def simulate(manager: Manager, models: Sequence[ModelSpec], wl: Workload, horizon: int,
-             tokens_per_block: int, watermark: float, max_drain_ticks: int) -> dict:
-    """Replay the workload against one manager; returns metrics and per-tick series."""
-    T = tokens_per_block
+             tokens_per_block: int, watermark: float, max_tokens: int = 4096,
+             sample_every: int = 1) -> dict:
+    """Replay the workload through the device loop with one manager; returns metrics and
+    per-tick series (sampled every `sample_every` ticks)."""
+    loop = device_loop(manager, models, tokens_per_block, max_tokens, watermark)
+    sched = loop.scheduler
+    names = [m.name for m in models]
+    index = {n: i for i, n in enumerate(names)}
     B = [m.block_bytes for m in models]
     bpt = [m.fmt.bytes_per_token for m in models]
-    pools = manager.pools
-    pool_of = manager.pool_of
-    # Running requests per (pool, block size), in admission order (victim = the last).
-    running = [collections.defaultdict(dict) for _ in pools]
-    wm_blocks = [[-(-int(watermark * p.alloc.total_bytes) // B[m]) if m in p.models else 0
-                  for m in range(len(models))] for p in pools]
-    capacity = [[p.alloc.free_blocks(B[m]) if m in p.models else 0
-                 for m in range(len(models))] for p in pools]
-    n_run = [0] * len(models)
-    tok = [0] * len(models)
-    queues = [collections.deque() for _ in models]  # waiting requests per model
-    grow_ev = collections.defaultdict(list)
-    fin_ev = collections.defaultdict(list)
-    reqs = [_Req(i, int(wl.model[i]), int(wl.arrival[i]), int(wl.prompt[i]),
-                 int(wl.output[i])) for i in range(len(wl.model))]
-    ended = 0
-    seq = 0
-    preempt_events = 0
-    compactions = moved_blocks = moved_bytes = 0
-    series = {k: np.zeros(horizon) for k in ("tokens", "used", "tail", "free_in_slabs",
-                                             "partial_block", "waiting", "running")}
-    per_model_tokens = np.zeros((len(models), horizon))
-    # Bytes of the slabs formatted for each model's block size (its pool's view).
-    per_model_formatted = np.zeros((len(models), horizon))
+    reqs = [Request(names[int(wl.model[i])], [7] * int(wl.prompt[i]),
+                    SamplingParams(max_tokens=int(wl.output[i]), ignore_eos=True),
+                    arrival_s=float(wl.arrival[i]), request_id=i) for i in range(len(wl.model))]
+    n_samples = -(-horizon // sample_every)
+    series = {k: np.zeros(n_samples) for k in ("tokens", "used", "tail", "free_in_slabs",
+                                               "partial_block", "waiting", "running")}
+    per_model_tokens = np.zeros((len(models), n_samples))
+    per_model_formatted = np.zeros((len(models), n_samples))
+    next_sample = [0]
 
-    def schedule(r, t):
-        """Events of a request admitted at t holding r.L0 tokens, r.gen + 1 generated."""
-        last = t + r.output - r.gen - 1  # tick of its last decode step
-        d = (1 - r.L0) % T or T  # first tick whose token needs a new block
-        if t + d <= last:
-            grow_ev[t + d].append((r, r.epoch))
-        fin_ev[last].append((r, r.epoch))
-
-    def end(r, how, t):
-        nonlocal ended
-        assert r.end is None, f"request {r.rid} ended twice"
-        r.end, r.end_tick = how, t
-        ended += 1
-
-    def stop_running(r, t_tokens):
-        """Remove r from its pool (blocks freed); it held `t_tokens` tokens."""
-        # A request preempted after growing this tick holds one block more than it needs.
-        assert -(-t_tokens // T) <= len(r.blocks) <= -(-(t_tokens + 1) // T), "block count"
-        pi = pool_of[r.m]
-        pools[pi].alloc.free(B[r.m], r.blocks)
-        del running[pi][B[r.m]][r.rid]
-        r.blocks = []
-        n_run[r.m] -= 1
-        tok[r.m] -= t_tokens
-        r.epoch += 1
-
-    def preempt(r, t):
-        nonlocal preempt_events
-        held = r.L0 + (t - 1 - r.ta)  # this tick's step has not run for it
-        r.gen += 1 + (t - 1 - r.ta)  # prefill token + decode steps done
-        stop_running(r, held)
-        r.preemptions += 1
-        preempt_events += 1
-        queues[r.m].appendleft(r)
-
-    ai = 0
-    n = len(reqs)
-    t = 0
-    while ended < n:
-        if t >= horizon + max_drain_ticks:
-            raise RuntimeError(f"{manager.name}: {n - ended} requests still pending after "
-                               f"{max_drain_ticks} drain ticks")
-        # 1. arrivals
-        while ai < n and reqs[ai].arrival == t:
-            r = reqs[ai]
-            ai += 1
-            pi = pool_of[r.m]
-            need = -(-(r.prompt + r.output) // T)
-            if need > capacity[pi][r.m] - wm_blocks[pi][r.m]:
-                end(r, "rejected", t)
-            else:
-                queues[r.m].append(r)
-        # 2. decode: blocks at block boundaries, oldest admission first
-        evs = grow_ev.pop(t, None)
-        if evs:
-            evs.sort(key=lambda e: e[0].seq)
-            for r, ep in evs:
-                if r.epoch != ep:
-                    continue  # preempted since it was scheduled
-                pi = pool_of[r.m]
-                alloc = pools[pi].alloc
-                while True:
-                    try:
-                        r.blocks += alloc.allocate(B[r.m], 1)
-                        break
-                    except OutOfKVMemory:
-                        same = running[pi][B[r.m]]
-                        victim = same[next(reversed(same))]
-                        preempt(victim, t)
-                        if victim is r:
-                            break
-                if r.epoch == ep and t + T <= r.ta + r.output - r.gen - 1:
-                    grow_ev[t + T].append((r, ep))
-        for m in range(len(models)):
-            tok[m] += n_run[m]
-        # 3. finishes
-        for r, ep in fin_ev.pop(t, ()):
-            if r.epoch == ep:
-                stop_running(r, r.L0 + (t - r.ta))
-                end(r, "finished", t)
-        # 4. admission: FCFS per model; the earliest head of a pool goes first
-        for pi, pool in enumerate(pools):
-            alloc = pool.alloc
-            heads = [m for m in pool.models if queues[m]]
-            while heads:
-                m = min(heads, key=lambda m: queues[m][0].arrival)
-                r = queues[m][0]
-                need = -(-(r.prompt + r.gen) // T)
-                if alloc.free_blocks(B[m]) - need < wm_blocks[pi][m]:
-                    heads.remove(m)
-                    continue
-                queues[m].popleft()
-                if not queues[m]:
-                    heads.remove(m)
-                r.blocks = alloc.allocate(B[r.m], need)
-                r.L0, r.ta, r.seq = r.prompt + r.gen, t, seq
-                seq += 1
-                if r.first_admit < 0:
-                    r.first_admit = t
-                running[pi][B[r.m]][r.rid] = r
-                n_run[r.m] += 1
-                tok[r.m] += r.L0
-                if r.gen + 1 >= r.output:  # the prefill produced its last token
-                    stop_running(r, r.L0)
-                    end(r, "finished", t)
-                else:
-                    schedule(r, t)
-        # 5. compaction (optional), then statistics over the arrival window
-        if manager.compact_every and t % manager.compact_every == 0:
-            moved, nbytes = _compact(manager, running, manager.compact_max_moves)
-            compactions += moved > 0
-            moved_blocks += moved
-            moved_bytes += nbytes
-        if t < horizon:
+    def sample(lp) -> None:
+        t = lp.clock.now()
+        while next_sample[0] * sample_every <= t and next_sample[0] < n_samples:
+            k = next_sample[0]
+            tok = [0] * len(models)
+            for m, seqs in sched.running.items():
+                # Tokens whose KV is in the arena or reserved for the prefill under way.
+                tok[index[m]] = sum(s.num_computed + s.num_pending_prefill for s in seqs)
             used = tail = free_in = 0
-            for pool in pools:
+            for pool in manager.pools:
                 w = pool.alloc.waste_bytes()
                 used += pool.alloc.used_bytes
                 tail += w["slab_tail"]
                 free_in += w["free_in_partial_slabs"]
-            series["tokens"][t] = sum(tok)
-            series["used"][t] = used
-            series["tail"][t] = tail
-            series["free_in_slabs"][t] = free_in
-            series["waiting"][t] = sum(len(q) for q in queues)
-            series["running"][t] = sum(n_run)
-            per_model_tokens[:, t] = tok
+            series["tokens"][k] = sum(tok)
+            series["used"][k] = used
+            series["tail"][k] = tail
+            series["free_in_slabs"][k] = free_in
+            series["waiting"][k] = len(sched.waiting)
+            series["running"][k] = sched.num_running
+            per_model_tokens[:, k] = tok
             for m in range(len(models)):
-                a = pools[pool_of[m]].alloc
-                per_model_formatted[m, t] = a.formatted_slabs(B[m]) * a.slab_bytes
-            series["partial_block"][t] = used - sum(
-                tok[m] * bpt[m] for m in range(len(models)))
-        t += 1
+                a = manager.pools[manager.pool_of[m]].alloc
+                per_model_formatted[m, k] = a.formatted_slabs(B[m]) * a.slab_bytes
+            series["partial_block"][k] = used - sum(tok[m] * bpt[m] for m in range(len(models)))
+            next_sample[0] += 1
+
+    states = loop.run(reqs, realtime=True, on_iteration=sample)
     series["per_model_tokens"] = per_model_tokens
     series["per_model_formatted"] = per_model_formatted
-    return _metrics(manager, models, reqs, series, preempt_events, t, compactions,
-                    (moved_blocks, moved_bytes))
+    return _metrics(manager, models, states, series, loop)
 
 
-def _compact(manager: Manager, running, max_moves: int):
-    """Compact every pool (moves within a block size); rewrite the running block tables.
-    Returns (blocks moved, bytes moved)."""
-    moved = nbytes = 0
-    for pi, pool in enumerate(manager.pools):
-        plan = plan_compaction(pool.alloc, max_moves=max_moves)
-        if not plan.moves:
-            continue
-        apply_compaction(pool.alloc, plan)  # the device copy would run right before this
-        for b in plan.block_sizes:
-            id_map = plan.id_map(b)
-            for r in running[pi][b].values():
-                r.blocks = [id_map.get(i, i) for i in r.blocks]
-        moved += plan.num_moves
-        nbytes += plan.moved_bytes
-    return moved, nbytes
-
-
-def _metrics(manager, models, reqs, series, preempt_events, ticks, compactions,
-             moved_blocks) -> dict:
+def _metrics(manager, models, states, series, loop) -> dict:
     arena = manager.arena_bytes
     used_mean = float(series["used"].mean())
     waiting = series["waiting"] > 0
-    delays = np.array([r.first_admit - r.arrival for r in reqs if r.first_admit >= 0])
+    delays = np.array([s.first_admitted_s - s.arrival_s for s in states
+                       if s.first_admitted_s is not None])
     waste = {}
     for key, name in (("partial_block", "partial_last_block"), ("free_in_slabs",
                       "free_in_partial_slabs"), ("tail", "slab_tail")):
@@ -475,12 +354,13 @@ def _metrics(manager, models, reqs, series, preempt_events, ticks, compactions,
         waste[name] = {"frac_of_arena": mean / arena, "frac_of_used": mean / max(used_mean, 1)}
     total = sum(float(series[k].mean()) for k in ("partial_block", "free_in_slabs", "tail"))
     waste["total"] = {"frac_of_arena": total / arena, "frac_of_used": total / max(used_mean, 1)}
-    ends = collections.Counter(r.end for r in reqs)
+    ends = collections.Counter(s.status.value for s in states)
+    st = loop.stats
     return {
         "manager": manager.name,
         "pools": [{"name": p.name, "models": [models[m].name for m in p.models],
-                   "slab_bytes": p.alloc.slab_bytes, "slab_mode": p.slab_mode,
-                   "num_slabs": p.alloc.num_slabs, "budget_bytes": p.budget_bytes}
+                   "slab_bytes": p.alloc.slab_bytes, "num_slabs": p.alloc.num_slabs,
+                   "budget_bytes": p.budget_bytes}
                   for p in manager.pools],
         "unusable_bytes_frac": manager.unusable_bytes / arena,
         "peak_kv_tokens": int(series["tokens"].max()),
@@ -493,21 +373,22 @@ def _metrics(manager, models, reqs, series, preempt_events, ticks, compactions,
                                      for i, m in enumerate(models)},
         "mean_used_frac": used_mean / arena,
         "peak_used_frac": float(series["used"].max()) / arena,
-        "requests": len(reqs),
+        "requests": len(states),
         "finished": ends["finished"],
-        "rejected": ends["rejected"],
-        "ended_once": sum(ends.values()) == len(reqs) and None not in ends,
-        "waited": int(np.sum(delays > 0)),
-        "preempted_requests": sum(1 for r in reqs if r.preemptions),
-        "preemption_events": preempt_events,
+        "rejected": ends["failed"],
+        "ended_once": sum(ends.values()) == len(states) and len(loop.ended) == len(states),
+        "waited": int(np.sum(delays >= 1.0)),  # at least one tick (a round of steps)
+        "preempted_requests": sum(1 for s in states if s.preemptions),
+        "preemption_events": loop.scheduler.num_preemptions,
         "queue_delay_mean_ticks": float(delays.mean()) if len(delays) else 0.0,
         "queue_delay_p99_ticks": float(np.percentile(delays, 99)) if len(delays) else 0.0,
         "mean_waiting": float(series["waiting"].mean()),
         "mean_running": float(series["running"].mean()),
-        "total_ticks": ticks,
-        "compactions": compactions,
-        "compaction_moved_blocks": moved_blocks[0],
-        "compaction_moved_bytes_per_tick": moved_blocks[1] / max(ticks, 1),
+        "total_ticks": float(loop.clock.now()),
+        "steps": st.steps,
+        "compactions": st.compaction_runs,
+        "compaction_moved_blocks": st.moved_blocks,
+        "compaction_moved_bytes_per_tick": st.moved_bytes / max(loop.clock.now(), 1.0),
         "waste": waste,
         "_series": series,
     }
@@ -518,14 +399,14 @@ def _metrics(manager, models, reqs, series, preempt_events, ticks, compactions,
 
 def run(cfg: WorkloadConfig, arena_bytes: int, tokens_per_block: int = 16,
         target_slab_bytes: int = 64 << 20, watermark: float = 0.01, compact_every: int = 0,
-        compact_max_moves: int = 256, max_drain_ticks: int = 200000) -> dict:
+        compact_max_moves: int = 256, sample_every: int = 1) -> dict:
     """The whole experiment; returns the JSON-ready result (series under "_series" keys)."""
     models = default_models(tokens_per_block)
     wl = make_workload(models, arena_bytes, cfg, tokens_per_block)
     managers = standard_managers(models, wl.demand_bytes, arena_bytes, target_slab_bytes,
                                  compact_every, compact_max_moves)
     results = [simulate(mgr, models, wl, cfg.ticks, tokens_per_block, watermark,
-                        max_drain_ticks) for mgr in managers]
+                        cfg.max_tokens, sample_every) for mgr in managers]
     by = {r["manager"]: r for r in results}
     ratios = {}
     for name in ("slab_arena", "slab_arena+compaction"):
@@ -539,7 +420,7 @@ def run(cfg: WorkloadConfig, arena_bytes: int, tokens_per_block: int = 16,
         "config": {**dataclasses.asdict(cfg), "arena_bytes": arena_bytes,
                    "tokens_per_block": tokens_per_block, "target_slab_bytes": target_slab_bytes,
                    "watermark": watermark, "compact_every": compact_every,
-                   "compact_max_moves": compact_max_moves},
+                   "compact_max_moves": compact_max_moves, "sample_every": sample_every},
         "models": [{"name": m.name, "block_bytes": m.block_bytes,
                     "bytes_per_token": m.fmt.bytes_per_token, "num_layers": m.fmt.num_layers,
                     "kv_dtype": m.fmt.kv_dtype} for m in models],
@@ -642,7 +523,7 @@ def main(argv):
                          max_tokens=FLAGS.max_tokens, seed=FLAGS.seed)
     result = run(cfg, int(FLAGS.arena_gib * GiB), FLAGS.tokens_per_block,
                  int(FLAGS.target_slab_mib * (1 << 20)), FLAGS.watermark, FLAGS.compact_every,
-                 FLAGS.compact_max_moves, FLAGS.max_drain_ticks)
+                 FLAGS.compact_max_moves, FLAGS.sample_every)
     result["command"] = " ".join(["python -m experiments.fragmentation"] + sys.argv[1:])
     result["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     print(format_table(result))

@@ -1,4 +1,4 @@
-"""Decode-attention kernel benchmark: Pallas Triton kernel vs the reference XLA path.
+"""Decode-attention kernel benchmark: Pallas Triton kernel vs the XLA paths.
 
     PYTHONPATH=. python -m experiments.kernel_bench --output_dir=runs/kernel_bench   # GPU grid
     python -m experiments.kernel_bench --quick --output_dir=/tmp/kb                  # CPU smoke
@@ -6,11 +6,12 @@
 For each model geometry (Llama-3.1-8B heads: 32 q / 8 kv / dim 128; a 70B-like one: 64 / 8 /
 128), KV dtype, batch and context, one layer's decode attention over a paged arena (random
 block permutation, every sequence at the full context) is timed for each impl: warm-up
-calls, then the median of `--reps` calls, each ended by `block_until_ready`. Reported per
-call: time, bytes moved (the K/V words of the context incl. scales, plus q, output and
-block tables: what an ideal kernel must move), achieved bandwidth and its fraction of a
-device-to-device copy measured in the same run, query tokens/s (batch / time) and the
-reference/kernel time ratio. Results go to OUTPUT_DIR/kernel_bench.json (rewritten after
+calls, then the median of `--reps` calls, each ended by `block_until_ready`. Impls: the
+Pallas kernel, "xla" (the XLA path that reads only the live blocks) and "reference" (the
+oracle that gathers whole block-table rows). Reported per call: time, bytes moved (the K/V
+words of the context incl. scales, plus q, output and block tables: what an ideal kernel
+must move), achieved bandwidth and its fraction of a device-to-device copy measured in the
+same run, query tokens/s (batch / time) and the xla/kernel and reference/kernel time ratios. Results go to OUTPUT_DIR/kernel_bench.json (rewritten after
 every measurement, so a run cut short keeps what it measured) and a table is printed.
 
 On a CPU the kernel runs in Pallas interpret mode: the numbers only prove the script works.
@@ -31,6 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from fineserve_jax.formats import KV_DTYPES, KVFormat
+from experiments.kv_data import random_view
 from experiments.timing import copy_bandwidth, time_call
 from pallas_kernels import decode_attention, resolve_impl
 
@@ -46,7 +48,8 @@ _MODELS = flags.DEFINE_list("models", None, f"geometries, of {sorted(GEOMETRIES)
 _BATCHES = flags.DEFINE_list("batches", None, "batch sizes")
 _CONTEXTS = flags.DEFINE_list("contexts", None, "context lengths (tokens)")
 _DTYPES = flags.DEFINE_list("kv_dtypes", None, f"KV dtypes, of {list(KV_DTYPES)}")
-_IMPLS = flags.DEFINE_list("impls", ["pallas_triton", "reference"], "implementations to time")
+_IMPLS = flags.DEFINE_list("impls", ["pallas_triton", "xla", "reference"],
+                           "implementations to time")
 _TPB = flags.DEFINE_integer("tokens_per_block", None, "tokens per KV block (16; quick: 8)")
 _LAYERS = flags.DEFINE_integer("num_layers", 1, "layers in the block format (the kernel reads "
                                "one; more layers only spread a block's rows apart)")
@@ -74,21 +77,6 @@ def _defaults():
     )
 
 
-def random_view(fmt: KVFormat, num_blocks: int, key) -> jax.Array:
-    """A `[num_blocks, block_words]` view of finite random KV (no quantization pass: random
-    codes with the exponent's top bit cleared, so |x| < 2 and no NaN code; constant scales)."""
-    mask = {"bf16": 0xBFFFBFFF, "fp8": 0xBFBFBFBF, "int8": 0xFFFFFFFF, "int4": 0xFFFFFFFF}
-    data = jax.random.bits(key, (num_blocks, fmt.data_region_words), jnp.uint32)
-    data = data & jnp.uint32(mask[fmt.kv_dtype])
-    if fmt.scale_words == 0:
-        return data
-    scale = {"fp8": [0.01], "int8": [0.01], "int4": [0.1, -0.75]}[fmt.kv_dtype]
-    row = jax.lax.bitcast_convert_type(jnp.asarray(scale, jnp.float32), jnp.uint32)
-    scales = jnp.broadcast_to(jnp.tile(row, fmt.rows_per_block),
-                              (num_blocks, fmt.rows_per_block * fmt.scale_words))
-    return jnp.concatenate([data, scales], axis=1)
-
-
 def bytes_moved(fmt: KVFormat, batch: int, context: int, hq: int, q_itemsize: int) -> int:
     """What an ideal decode kernel reads and writes for one layer."""
     kv_row_bytes = (fmt.data_words + fmt.scale_words) * 4
@@ -106,11 +94,13 @@ def _device_memory() -> int | None:
 
 
 def _footprint(fmt: KVFormat, impl: str, batch: int, context: int) -> int:
-    """Rough peak bytes: arena (+ its construction copy), plus for the reference path its
-    gathered words and float32 K/V of the whole context."""
+    """Rough peak bytes: arena (+ its construction copy), plus for the XLA paths their
+    gathered words and float32 K/V (reference: the whole context at once; xla: one step)."""
     arena = (batch * fmt.blocks_for_tokens(context) + 1) * fmt.block_bytes
     extra = 0
-    if impl == "reference":
+    if impl == "xla":
+        context = min(context, 64)
+    if impl in ("reference", "xla"):
         extra = batch * context * fmt.num_kv_heads * (
             2 * (fmt.data_words + fmt.scale_words) * 4 + 2 * 2 * fmt.head_dim * 4)
     return 2 * arena + extra
@@ -164,7 +154,7 @@ def run_grid(cfg: dict, output_dir: str) -> dict:
                             continue
                         fn = jax.jit(functools.partial(
                             decode_attention, fmt=fmt, layer=0, impl=impl,
-                            num_splits=_SPLITS.value if impl != "reference" else None,
+                            num_splits=_SPLITS.value if impl == "pallas_triton" else None,
                             interpret=None))
                         try:
                             t = time_call(fn, (q, view, tables, lengths), cfg["reps"],
@@ -176,9 +166,11 @@ def run_grid(cfg: dict, output_dir: str) -> dict:
                         row[impl] = {"time_us": t * 1e6, "GBps": bw / 1e9,
                                      "frac_copy_bw": bw / copy_bw, "tokens_per_s": batch / t,
                                      "resolved_impl": resolve_impl(impl, fmt)}
-                    ref, ker = row.get("reference", {}), row.get("pallas_triton", {})
-                    if "time_us" in ref and "time_us" in ker:
-                        row["ref_over_kernel"] = ref["time_us"] / ker["time_us"]
+                    ker = row.get("pallas_triton", {})
+                    for impl, key in (("reference", "ref_over_kernel"), ("xla", "xla_over_kernel")):
+                        other = row.get(impl, {})
+                        if "time_us" in other and "time_us" in ker:
+                            row[key] = other["time_us"] / ker["time_us"]
                     del view, tables
                     report["results"].append(row)
                     print(_format_row(row), flush=True)
@@ -201,10 +193,10 @@ def _format_row(row: dict) -> str:
     head = f"{row['model']:9s} {row['kv_dtype']:5s} B={row['batch']:<4d} ctx={row['context']:<6d}"
     if "skipped" in row:
         return f"{head} skipped: {row['skipped']}"
-    ratio = row.get("ref_over_kernel")
-    ratio = f"{ratio:6.2f}x" if ratio else "     -"
+    ratio = lambda k: f"{row[k]:6.2f}x" if row.get(k) else "     -"  # noqa: E731
     return (f"{head} kernel {_cell(row.get('pallas_triton', {}))} | "
-            f"ref {_cell(row.get('reference', {}))} | ref/kernel {ratio}")
+            f"xla {_cell(row.get('xla', {}))} | ref {_cell(row.get('reference', {}))} | "
+            f"xla/kernel {ratio('xla_over_kernel')} ref/kernel {ratio('ref_over_kernel')}")
 
 
 def main(argv):

@@ -38,6 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
+from experiments.flag_checks import check_paper_figures_flags
+
 _OUT = flags.DEFINE_string("output_dir", "runs/paper", "where to write results.csv, ratios.json, PNGs")
 _QUICK = flags.DEFINE_boolean("quick", False, "tiny sweeps and durations (for tests)")
 _SCENARIOS = flags.DEFINE_list("scenarios", ["pair8b", "mixed8", "lmsys"], "scenarios to run")
@@ -92,7 +94,7 @@ _COST = {}
 
 def _cost():
     if "cm" not in _COST:
-        from fineserve_jax.sim.step_cost import load_cost_model
+        from fineserve_jax.scheduler.cost import load_cost_model
 
         _COST["cm"] = load_cost_model()
     return _COST["cm"]
@@ -231,11 +233,12 @@ def _fmt(x, f="{:.2f}"):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     table = QUICK if _QUICK.value else FULL
-    unknown = [s for s in _SCENARIOS.value if s not in table]
-    if unknown:
-        raise app.UsageError(f"unknown scenario(s) {unknown}; valid: {', '.join(table)}")
+    check_paper_figures_flags(scenarios=_SCENARIOS.value, valid_scenarios=list(table),
+                              systems=_SYSTEMS.value, slo_systems=_SLO_SYSTEMS.value,
+                              ablations=_ABLATIONS.value, workers=_WORKERS.value)
     os.makedirs(_OUT.value, exist_ok=True)
     t0 = time.perf_counter()
     _cost()  # load once before forking

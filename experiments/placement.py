@@ -7,7 +7,8 @@ For each policy writes OUTPUT_DIR/plan_<policy>.json (the file the simulator and
 launcher read, `fineserve_jax.scheduler.plan`) and prints the devices with their models,
 memory and predicted load; OUTPUT_DIR/placement.json collects the predicted totals.
 With --new_rate_scale, also re-places for the scaled rates (`placement.replan`) and reports
-whether the plan held and which models moved.
+whether the plan held and which models moved. Nonsense flag values (non-positive or NaN
+scales, non-positive lengths, unknown policies) are usage errors before any work.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import time
 
 from absl import app, flags
+
+from experiments.flag_checks import check_placement_flags
 
 _FLEET = flags.DEFINE_string("fleet", "mixed8", "fleet: pair8b | mixed8 | lmsys")
 _POLICIES = flags.DEFINE_list("policies", ["fineserve", "muxserve", "prism", "spatial"], "policies")
@@ -31,11 +34,16 @@ _OUT = flags.DEFINE_string("output_dir", "runs/placement", "where to write the p
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    check_placement_flags(
+        fleet=_FLEET.value, policies=_POLICIES.value, rate_scale=_RATE_SCALE.value,
+        new_rate_scale=_NEW_SCALE.value, slo_scale=_SLO_SCALE.value, max_model_len=_MAXLEN.value,
+        nodes=_NODES.value, gpus_per_node=_GPUS.value, gpu_memory_gib=_MEM.value)
     from fineserve_jax.scheduler.footprint import GiB
     from fineserve_jax.scheduler.placement import PlacementConfig, PlacementError, place, replan
     from fineserve_jax.sim.fleets import get_fleet
-    from fineserve_jax.sim.step_cost import load_cost_model
+    from fineserve_jax.scheduler.cost import load_cost_model
 
     cost = load_cost_model()
     fleet = get_fleet(_FLEET.value).scaled(_RATE_SCALE.value)

@@ -36,7 +36,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 from absl import app, flags
 
-from fineserve_jax.scheduler.cost_model import PROFILE_COLUMNS as COLUMNS
+from fineserve_jax.scheduler.cost import PROFILE_COLUMNS as COLUMNS
 
 _MODELS = flags.DEFINE_list("models", ["tiny-llama:org", "tiny-mistral:fp8_kv8", "tiny-qwen2:qoq"],
                             "config:preset entries to profile")
@@ -146,7 +146,7 @@ def write_csv(rows, path: str) -> None:
 
 
 def build_engine(models, arena_mb: float, max_model_len: int, impl: str, dtype: str, seed: int,
-                 scheduler=None):
+                 scheduler=None, tokens_per_block: int = 16):
     """An engine serving `models` [(served name, config, preset)]; FCFS without dropping by
     default (profiling wants every request to run, batched as queued)."""
     from fineserve_jax.engine.device_engine import Engine, ModelSpec
@@ -155,7 +155,7 @@ def build_engine(models, arena_mb: float, max_model_len: int, impl: str, dtype: 
     scheduler = scheduler or SchedulerConfig(admission="fcfs", execution="fcfs", drop=False)
     return Engine([ModelSpec(n, c, p) for n, c, p in models], arena_bytes=int(arena_mb * (1 << 20)),
                   max_model_len=max_model_len, attention_impl=impl, dtype=dtype, seed=seed,
-                  scheduler=scheduler)
+                  scheduler=scheduler, tokens_per_block=tokens_per_block)
 
 
 def main(argv):

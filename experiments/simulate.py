@@ -10,8 +10,14 @@ Defaults (no flags): the mixed-precision fleet (`fleets.mixed8`: 8 models, Llama
 Qwen2.5-32B / Llama-3.1-70B in seven presets, power-law rates) on one node of 8 H100s, placed
 by FineServe's policy, 300 s of Poisson arrivals with ShareGPT-like lengths, TTFT SLO = 40 x
 the profiled single-request TTFT of a 903-token prompt + 4 ms, step times from the shared
-FineServe profiles. With --trace, the trace's own arrivals and lengths (the first
---duration_s trace seconds) are spread over the fleet's models in proportion to their rates.
+FineServe profiles. With --trace, the trace's own arrivals and lengths are spread over the
+fleet's models in proportion to their rates: the whole trace, unless a window is asked for
+(--trace_start_s, --duration_s trace seconds, --num_requests); the script prints how many of
+the trace's requests the window keeps.
+
+Every flag is checked before any work (`experiments.flag_checks`): non-positive or NaN
+rates, scales and durations, non-positive lengths, and synthetic workloads larger than
+--max_workload_requests (estimated from rate x duration before generating) are usage errors.
 
 Writes OUTPUT_DIR/summary.json (metrics.summarize + "kv" + "compile" + "placement" + "sim"),
 OUTPUT_DIR/plan.json and OUTPUT_DIR/latency.png, and prints a table and the simulation time.
@@ -26,6 +32,13 @@ import time
 
 from absl import app, flags
 
+from experiments.flag_checks import (
+    DEFAULT_MAX_WORKLOAD_REQUESTS,
+    check_simulate_flags,
+    check_trace_window,
+    usage,
+)
+from experiments import prefix_flags
 from experiments.plots import latency_plot
 
 _FLEET = flags.DEFINE_string("fleet", "mixed8", "fleet: pair8b | mixed8 | lmsys (fineserve_jax.sim.fleets)")
@@ -35,9 +48,10 @@ _SYSTEM = flags.DEFINE_string(
 _PLAN = flags.DEFINE_string("plan", None, "a placement plan JSON (skips placement; the system "
                             "still sets the KV mode and scheduling)")
 _RATE_SCALE = flags.DEFINE_float("rate_scale", 1.0, "multiply every model's rate")
-_DURATION = flags.DEFINE_float("duration_s", 300.0, "workload length (s); with --trace, the trace "
-                               "window (trace seconds); 0: the whole trace")
-_NUM = flags.DEFINE_integer("num_requests", 0, "if > 0: exactly this many requests")
+_DURATION = flags.DEFINE_float("duration_s", None, "workload length (s; default 300); with --trace, "
+                               "the trace window (trace seconds; default: the whole trace)")
+_NUM = flags.DEFINE_integer("num_requests", 0, "if > 0: exactly this many requests (with --trace: "
+                            "at most this many from the window)")
 _ARRIVAL = flags.DEFINE_enum("arrival", "poisson", ["poisson", "gamma"], "arrival process")
 _CV = flags.DEFINE_float("cv", 1.0, "gamma arrivals: coefficient of variation")
 _TRACE = flags.DEFINE_string("trace", None, "Azure LLM trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens)")
@@ -45,20 +59,23 @@ _TRACE_START = flags.DEFINE_float("trace_start_s", 0.0, "trace window start (tra
 _TRACE_SCALE = flags.DEFINE_float("trace_time_scale", None, "compress trace time by this factor")
 _TRACE_RATE = flags.DEFINE_float("trace_target_rate", None, "rescale the trace window to this rate")
 _SLO_SCALE = flags.DEFINE_float("slo_scale", 40.0, "TTFT SLO = scale x TTFT(903-token prompt) + 4 ms")
-_MAXLEN = flags.DEFINE_integer("max_model_len", 0, "longest prompt + output (0: 4096, or 16384 "
-                               "with --trace)")
+_MAXLEN = flags.DEFINE_integer("max_model_len", None, "longest prompt + output (default 4096, or "
+                               "16384 with --trace)")
 _NODES = flags.DEFINE_integer("nodes", 0, "override the fleet's node count")
 _GPUS = flags.DEFINE_integer("gpus_per_node", 0, "override the fleet's GPUs per node")
 _MEM = flags.DEFINE_float("gpu_memory_gib", 0.0, "override GPU memory (GiB)")
 _PROFILES = flags.DEFINE_list("profiles", [], "cost-model CSVs (default: the shared FineServe profiles)")
 _WORKERS = flags.DEFINE_integer("workers", 2, "processes simulating devices in parallel (0: all CPUs)")
 _SEED = flags.DEFINE_integer("seed", 0, "workload seed")
+_MAX_REQ = flags.DEFINE_integer("max_workload_requests", DEFAULT_MAX_WORKLOAD_REQUESTS,
+                                "refuse workloads with more requests than this (memory)")
 _OUT = flags.DEFINE_string("output_dir", "runs/simulate", "where to write summary.json, plan.json, latency.png")
+flags.adopt_module_key_flags(prefix_flags)  # --help lists the prefix-caching flags too
 
 
 def with_workload_lengths(fleet, requests):
     """The fleet with each model's mean prompt/output lengths taken from its requests."""
-    from fineserve_jax.sim.routing import mean_lengths
+    from fineserve_jax.cluster.routing import mean_lengths
 
     lens = mean_lengths(requests)
     ms = tuple(dataclasses.replace(m, prompt_len=lens[m.name][0], output_len=lens[m.name][1])
@@ -66,17 +83,52 @@ def with_workload_lengths(fleet, requests):
     return dataclasses.replace(fleet, models=ms)
 
 
+def check_flags() -> None:
+    check_simulate_flags(
+        fleet=_FLEET.value, system=_SYSTEM.value, rate_scale=_RATE_SCALE.value,
+        duration_s=_DURATION.value, num_requests=_NUM.value, cv=_CV.value, trace=_TRACE.value,
+        trace_start_s=_TRACE_START.value, trace_time_scale=_TRACE_SCALE.value,
+        trace_target_rate=_TRACE_RATE.value, slo_scale=_SLO_SCALE.value, max_model_len=_MAXLEN.value,
+        nodes=_NODES.value, gpus_per_node=_GPUS.value, gpu_memory_gib=_MEM.value,
+        workers=_WORKERS.value, max_workload_requests=_MAX_REQ.value)
+
+
+def load_trace_window(path: str, start_s: float, duration_s, max_requests):
+    """Read the trace and say which part of it is replayed (printed: a window never cuts a
+    trace silently). -> the parsed trace (replay_trace takes it instead of the path)."""
+    from fineserve_jax.workload.traces import TraceError, load_azure_trace
+
+    try:
+        trace = load_azure_trace(path)
+    except TraceError as e:
+        raise usage("trace", str(e)) from None
+    win = trace.window(start_s, duration_s, max_requests)
+    if len(win) == len(trace):
+        print(f"trace {path}: replaying all {len(trace)} requests ({trace.duration_s:.1f} trace s)")
+    else:
+        end = f"{start_s + duration_s:g}" if duration_s is not None else "end"
+        cap = f", at most {max_requests} requests" if max_requests else ""
+        print(f"trace {path}: replaying the window [{start_s:g} s, {end}){cap}: {len(win)} of "
+              f"{len(trace)} requests ({len(trace) - len(win)} left out; the trace spans "
+              f"{trace.duration_s:.1f} s)")
+    check_trace_window(len(win), _MAX_REQ.value)
+    return trace
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    check_flags()
+    # The trace next (a bad file is named before the cost model and placement run).
+    trace = (load_trace_window(_TRACE.value, _TRACE_START.value, _DURATION.value, _NUM.value or None)
+             if _TRACE.value else None)
     from fineserve_jax import metrics
     from fineserve_jax.scheduler.footprint import GiB
     from fineserve_jax.scheduler.placement import PlacementConfig, place
     from fineserve_jax.scheduler.plan import PlacementPlan
     from fineserve_jax.sim import get_system, simulate
     from fineserve_jax.sim.fleets import fleet_workload, get_fleet
-    from fineserve_jax.sim.step_cost import load_cost_model
+    from fineserve_jax.scheduler.cost import load_cost_model
 
     t0 = time.perf_counter()
     cost = load_cost_model(_PROFILES.value)
@@ -87,14 +139,18 @@ def main(argv):
     if over:
         fleet = fleet.with_cluster(**over)
     max_len = _MAXLEN.value or (16384 if _TRACE.value else 4096)
-    if _TRACE.value:
-        duration = _DURATION.value or None  # the trace window; None: the whole trace
+    if trace is not None:
+        duration = _DURATION.value  # the trace window; None: the whole trace
     else:
-        duration = None if _NUM.value else _DURATION.value
+        duration = None if _NUM.value else (_DURATION.value or 300.0)
+    sharing = prefix_flags.prefix_sharing()
+    if sharing is not None and trace is not None:
+        raise app.UsageError("--shared_prefix_fraction / --session_turns apply to synthetic "
+                             "workloads, not to --trace")
     requests = fleet_workload(
         fleet, duration_s=duration, num_requests=_NUM.value or None, arrival=_ARRIVAL.value, cv=_CV.value, seed=_SEED.value,
-        trace=_TRACE.value, trace_start_s=_TRACE_START.value, trace_time_scale=_TRACE_SCALE.value,
-        trace_target_rate=_TRACE_RATE.value)
+        trace=trace, trace_start_s=_TRACE_START.value, trace_time_scale=_TRACE_SCALE.value,
+        trace_target_rate=_TRACE_RATE.value, prefixes=sharing)
     if not requests:
         raise app.UsageError("the workload is empty (check --duration_s / --num_requests / the trace)")
     fleet = with_workload_lengths(fleet, requests)
@@ -108,13 +164,14 @@ def main(argv):
                 for r in requests]
     t_place = time.perf_counter() - t0
     print(plan.describe())
-    sim = dataclasses.replace(system.sim, workers=_WORKERS.value)
+    sim = dataclasses.replace(system.sim, workers=_WORKERS.value,
+                              prefix_caching=prefix_flags.ENABLE_PREFIX_CACHING.value)
     result = simulate(plan, requests, cost, sim, system=system.name)
     summary = result.summary()
     summary["config"] = {
         "fleet": fleet.name, "system": system.name, "rate_scale": _RATE_SCALE.value,
         "rates": {m.name: m.rate for m in fleet.models}, "slo_ttft_s": slos,
-        "slo_scale": _SLO_SCALE.value, "duration_s": _DURATION.value, "trace": _TRACE.value,
+        "slo_scale": _SLO_SCALE.value, "duration_s": duration, "trace": _TRACE.value,
         "arrival": _ARRIVAL.value, "cv": _CV.value, "seed": _SEED.value, "max_model_len": max_len,
         "cost_model": _PROFILES.value or "FineServe profiles (apex-cost, aws-cost)",
         "placement_s": t_place}

@@ -34,7 +34,7 @@ _OUT = flags.DEFINE_string("output_dir", "runs/tpot_roofline", "where to write t
 
 
 def measure(model, batch: int, context: int, impl: str, reps: int, copy_bytes: int) -> dict:
-    from fineserve_jax.engine.buckets import Buckets
+    from fineserve_jax.core.buckets import Buckets
     from fineserve_jax.engine.device_engine import Engine, ModelSpec
 
     fmt = model.kv_format(16)

@@ -1,8 +1,16 @@
 """Validate the simulator against the engine: the same tiny-model workload is served for real
-(CPU here, a GPU when lent) and simulated with step times from a cost model fitted to this
-machine's own profile; report the error of the simulator's median TTFT and TPOT.
+(CPU here, a GPU when lent) and simulated, in two ways:
 
-    python -m experiments.validate_sim --output_dir=runs/validate
+  --replay   the simulator runs the served requests through the same device loop with the
+             engine's recorded step durations and clock readings (`sim.replay`): every
+             request must end the same way with the same tokens at the same time (a logic
+             check: serving and simulating are one code). Writes OUTPUT_DIR/replay.json with
+             `requests`, `identical_outcomes` and `max_ttft_diff_ms`.
+  (always)   the simulator runs the same requests with step times from a cost model fitted
+             to this machine's own profile; the error of its median TTFT and TPOT is the
+             cost model's (OUTPUT_DIR/validation.json).
+
+    python -m experiments.validate_sim --replay --output_dir=runs/validate
     python -m experiments.validate_sim --profile_csv=runs/profile/cpu-tiny.csv  # reuse a profile
 
 Steps: (1) build the engine (experiments.serve's default models, arena and buckets; the same
@@ -18,6 +26,7 @@ OUTPUT_DIR/profile.csv (when profiled) and OUTPUT_DIR/ttft_tpot.png.
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import json
 import os
@@ -33,12 +42,19 @@ from experiments import profile as prof  # shares its flags: --models, --batch_s
 _RATES = flags.DEFINE_list("rates", ["6", "3", "1.5"], "per-model request rates (req/s)")
 _NUM = flags.DEFINE_integer("num_requests", 200, "requests in the workload")
 _PROMPT_MEAN = flags.DEFINE_float("prompt_mean", 48, "mean prompt tokens (lognormal)")
-_OUTPUT_MEAN = flags.DEFINE_float("output_mean", 24, "mean output tokens (lognormal)")
+_OUTPUT_MEAN = flags.DEFINE_float("output_mean", 40, "mean output tokens (lognormal)")
 _SLO_SCALE = flags.DEFINE_float("slo_scale", 40.0, "TTFT SLO = scale x profiled TTFT of the P95 prompt + 4 ms")
 _PROFILE = flags.DEFINE_string("profile_csv", None, "use this profile instead of measuring one")
 _WAKEUP = flags.DEFINE_boolean("wakeup", True, "charge the profile's measured first-step-after-idle "
                                "penalty in the simulation (SimConfig.wakeup_s)")
 _OUT = flags.DEFINE_string("output_dir", "runs/validate", "where to write validation.json")
+_REPLAY = flags.DEFINE_boolean("replay", False, "also replay the served run in the simulator "
+                               "with its recorded step times and write replay.json")
+_TIGHT = flags.DEFINE_float("tight_slo_fraction", 0.2, "fraction of requests whose TTFT SLO is "
+                            "tight (2x their own prefill time): some are dropped under load")
+_TPB = flags.DEFINE_integer("tokens_per_block", 4, "KV tokens per block")
+# A small arena by default, so that memory runs out and requests are preempted.
+flags.FLAGS.set_default("arena_mb", 0.12)
 
 
 def rel_err(sim, real):
@@ -93,13 +109,41 @@ def plot(real, sim, path):
     plt.close(fig)
 
 
+def replay_run(engine, sched, cost_at_start, reqs, served, readings, steps, preemptions):
+    """The served run again in the simulator's device loop, with the recorded step times and
+    clock readings; writes replay.json."""
+    from fineserve_jax.core.clock import ReplayClock
+    from fineserve_jax.core.loop import DeviceLoop
+    from fineserve_jax.kvslab import SlabAllocator
+    from fineserve_jax.scheduler.local import LocalScheduler
+    from fineserve_jax.sim.replay import ReplayExecutor, compare_runs
+
+    t0 = time.perf_counter()
+    scheduler = LocalScheduler(dict(engine.scheduler.models),
+                               SlabAllocator(engine.num_slabs, engine.slab_bytes),
+                               cost_at_start, dataclasses.replace(sched))
+    executor = ReplayExecutor(steps, lambda p: engine.buckets.bucket(p.kind, p.size))
+    sim = DeviceLoop(scheduler, executor, ReplayClock(readings), config=engine.loop.config)
+    replayed = sim.run(reqs, realtime=True)
+    cmp = compare_runs(served, replayed)
+    out = {**cmp.as_dict(), "steps": len(steps), "preemptions": preemptions,
+           "replay_preemptions": scheduler.num_preemptions, "wall_s": time.perf_counter() - t0}
+    with open(os.path.join(_OUT.value, "replay.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"replay: {cmp.requests} requests ({cmp.outcomes}), {len(steps)} steps, "
+          f"{preemptions} preemptions: identical outcomes {cmp.identical_outcomes}, "
+          f"max TTFT difference {cmp.max_ttft_diff_ms} ms")
+    return out
+
+
 def main(argv):
     del argv
     import jax
 
+    from fineserve_jax.core.clock import RecordingClock
     from fineserve_jax.core.request import Request
     from fineserve_jax.core.sampling_params import SamplingParams
-    from fineserve_jax.scheduler.cost_model import CostModel
+    from fineserve_jax.scheduler.cost import CostModel
     from fineserve_jax.scheduler.footprint import GiB, footprint
     from fineserve_jax.scheduler.local import SchedulerConfig
     from fineserve_jax.scheduler.plan import ClusterSpec, PlacedModel, PlacementPlan, make_device
@@ -114,7 +158,8 @@ def main(argv):
     sched = SchedulerConfig()  # experiments.serve's defaults: deadline + saab + drop
     t0 = time.perf_counter()
     engine = prof.build_engine(models, prof._ARENA_MB.value, prof._MAXLEN.value, prof._IMPL.value,
-                               prof._DTYPE.value, prof._SEED.value, scheduler=sched)
+                               prof._DTYPE.value, prof._SEED.value, scheduler=sched,
+                               tokens_per_block=_TPB.value)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s on {jax.default_backend()}")
 
     # (2) the cost model from this machine's profile
@@ -147,16 +192,34 @@ def main(argv):
     loads = [ModelLoad(n, r, slos[n], lengths) for (n, _, _), r in zip(models, rates)]
     wl = generate_workload(loads, num_requests=_NUM.value, seed=prof._SEED.value)
     rng = np.random.default_rng(prof._SEED.value + 1)
+    # A fraction of requests gets a tight SLO (twice its own prefill), so some are dropped.
+    tight = rng.random(len(wl)) < _TIGHT.value
+    wl = [dataclasses.replace(w, slo_ttft_s=2.0 * engine.cost.prefill_time(w.model, w.prompt_len))
+          if t else w for w, t in zip(wl, tight)]
     reqs = [Request(model=w.model, prompt=[1] + rng.integers(3, 259, size=w.prompt_len - 1).tolist(),
                     sampling=SamplingParams(max_tokens=int(w.output_len), ignore_eos=True),
                     arrival_s=w.arrival_s, slo_ttft_s=w.slo_ttft_s, request_id=w.request_id) for w in wl]
     ids = {w.request_id for w in wl}
     t1 = time.perf_counter()
     kv0 = len(engine.kv_samples)
-    engine.run(reqs, realtime=True)
+    loop = engine.loop
+    recording = RecordingClock(loop.clock)
+    cost_at_start = copy.deepcopy(engine.cost)
+    loop.clock, loop.step_log = recording, []
+    preempt0 = engine.scheduler.num_preemptions
+    try:
+        engine.run(reqs, realtime=True)
+    finally:
+        loop.clock = recording.inner
+    steps, loop.step_log = loop.step_log, None
+    served = [loop.states[r.request_id] for r in reqs]
     real = [r for r in engine.records() if r.request_id in ids]
     split = first_step_split(real, sorted(t for t, *_ in engine.kv_samples[kv0:]))  # step starts
-    print(f"served {len(real)} requests in {time.perf_counter() - t1:.1f} s")
+    print(f"served {len(real)} requests in {time.perf_counter() - t1:.1f} s "
+          f"({engine.scheduler.num_preemptions - preempt0} preemptions)")
+    if _REPLAY.value:
+        replay_run(engine, sched, cost_at_start, reqs, served, recording.readings, steps,
+                   engine.scheduler.num_preemptions - preempt0)
 
     # (4) the same requests, simulated on a plan that mirrors the engine
     arena = engine.num_slabs * engine.slab_bytes
@@ -173,7 +236,9 @@ def main(argv):
                     max_prefill_tokens=b.max_prefill, max_prefill_seqs=b.prefill_seqs,
                     max_decode_seqs=b.max_decode, prefill_buckets=tuple(b.prefill_sizes),
                     decode_buckets=tuple(b.decode_sizes), wakeup_s=wakeup_s, workers=1)
-    res = simulate(plan, wl, cost, cfg, system="engine-mirror")
+    # The mirror is the engine's own device, not a placement: the placement memory rule
+    # (room for a whole max-length sequence per model) does not apply to its tiny arena.
+    res = simulate(plan, wl, cost, cfg, system="engine-mirror", check=False)
     sim = res.records
 
     # (5) compare

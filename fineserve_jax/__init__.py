@@ -17,10 +17,16 @@ _LAZY = {
     "load_model": "fineserve_jax.loader",
     "LLM": "fineserve_jax.engine.llm",
     "SamplingParams": "fineserve_jax.core.sampling_params",
+    "Request": "fineserve_jax.core.request",
+    "InvalidRequest": "fineserve_jax.core.field_checks",
     "Engine": "fineserve_jax.engine.device_engine",
+    "ModelSpec": "fineserve_jax.engine.device_engine",
+    "RequestOutput": "fineserve_jax.engine.device_engine",
 }
 
-__all__ = sorted(_LAZY)
+# `Engine`, `ModelSpec`, `Request`, `SamplingParams`, `LLM`, `load_model` and `metrics` are a
+# contract (ARCHITECTURE section 9).
+__all__ = sorted([*_LAZY, "metrics"])
 
 
 _SUBMODULES = ("metrics", "formats", "checkpoint", "tokenizer", "generate", "kvslab", "quant",
@@ -33,3 +39,7 @@ def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"fineserve_jax.{name}")
     raise AttributeError(f"module 'fineserve_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})

@@ -53,6 +53,7 @@ class RequestRecord:
     preemptions: int = 0
     prompt_len: int = 0
     preset: Optional[str] = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -243,6 +244,8 @@ def _block(recs: Sequence[RequestRecord], duration_s: Optional[float], slo_ttft_
         "output_tokens_per_s": rate(out_tokens),
         "prompt_tokens_per_s": rate(prompt_tokens),
         "preemptions": sum(r.preemptions for r in recs),
+        # Share of the finished requests' prompt tokens that came from the prefix cache.
+        "prefix_hit_rate": (sum(r.cached_tokens for r in fin) / prompt_tokens) if prompt_tokens else None,
         "finish_reasons": dict(sorted(reasons.items())),
     }
 
@@ -293,6 +296,26 @@ def summarize(
     if kv_samples is not None:
         summary["kv"] = kv_summary(kv_samples, arena_bytes=kv_arena_bytes, slab_bytes=kv_slab_bytes)
     return summary
+
+
+def prefix_cache_summary(stats: Optional[Mapping[str, Any]],
+                         records: Iterable[RequestRecord]) -> Dict[str, Any]:
+    """The "prefix_cache" section: hit_rate (cached prompt tokens / prompt tokens of the
+    finished requests), hit_blocks, saved_prefill_tokens (prefill skipped thanks to hits,
+    recomputations after preemption included), idle_cached_bytes (cached blocks no request
+    maps at the end), evicted/registered blocks. `stats`: the scheduler's counters, None
+    when caching is off."""
+    fin = [r for r in records if r.status == "finished"]
+    prompt = sum(r.prompt_len for r in fin)
+    out: Dict[str, Any] = {"enabled": stats is not None,
+                           "hit_rate": (sum(r.cached_tokens for r in fin) / prompt) if prompt else None}
+    s = stats or {}
+    out.update({"hit_blocks": s.get("hit_blocks", 0),
+                "saved_prefill_tokens": s.get("hit_tokens", 0),
+                "idle_cached_bytes": s.get("idle_bytes", 0),
+                "evicted_blocks": s.get("evicted_blocks", 0),
+                "registered_blocks": s.get("registered_blocks", 0)})
+    return out
 
 
 def _parse_kv_sample(s):
@@ -424,6 +447,11 @@ def format_table(summary: Mapping[str, Any]) -> str:
         d = summary["overall"].get("duration_s")
         if d is not None:
             lines.append(f"duration {d:.2f} s")
+    pc = summary.get("prefix_cache")
+    if pc and pc.get("enabled"):
+        lines.append(f"prefix cache: hit rate {_fmt(pc['hit_rate'], 100, 1)}% of prompt tokens, "
+                     f"{pc['hit_blocks']} block hits, {pc['saved_prefill_tokens']} prefill tokens "
+                     f"saved, {pc['idle_cached_bytes'] / (1 << 20):.2f} MiB idle cached")
     kv = summary.get("kv")
     if kv and kv.get("peak_used_bytes") is not None:
         mib = 1 / (1 << 20)

@@ -1,22 +1,27 @@
 """The attention backend interface and the cache-free causal backend.
 
-The model computes q/k/v (RoPE applied) and hands them to a backend; the backend owns
-where K/V live. `CausalAttention` attends within the given tokens only (a full forward
-without a cache); the paged backend over the KV arena lives in `fineserve_jax.engine` and
-plugs in through the same call, so model code never changes.
+The model computes q/k/v (RoPE applied) and hands them to a backend together with the KV
+cache *value*; the backend returns the attention output and the updated cache. The cache
+flows through the decoder's layer scan as part of its carry (in and out of every layer), so
+nothing is hidden state of a backend object: a backend holds only static configuration and
+the step's read-only inputs. `CausalAttention` attends within the given tokens only (a full
+forward without a cache, cache None); the paged backend over the KV arena lives in
+`fineserve_jax.engine` and plugs in through the same call, so model code never changes.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol, Tuple
 
 import jax
 import jax.numpy as jnp
 
 
 class AttentionBackend(Protocol):
-    def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> out [B, T, Hq, D] (q's dtype)."""
+    def __call__(self, cache: Any, layer: jax.Array, q: jax.Array, k: jax.Array,
+                 v: jax.Array) -> Tuple[jax.Array, Any]:
+        """cache: a pytree (None for none); layer: int32 scalar, traced inside the layer scan;
+        q [B, T, Hq, D], k/v [B, T, Hkv, D] -> (out [B, T, Hq, D] in q's dtype, new cache)."""
         ...
 
 
@@ -35,7 +40,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 class CausalAttention:
-    """Backend for a full forward without a cache.
+    """Backend for a full forward without a cache (the cache stays None).
 
     `kv_roundtrip`, when given, maps k/v `[B, T, Hkv, D]` through the storage a KV cache
     would apply (e.g. quantize + dequantize), so a cache-free forward reproduces exactly
@@ -45,7 +50,7 @@ class CausalAttention:
     def __init__(self, kv_roundtrip=None):
         self.kv_roundtrip = kv_roundtrip
 
-    def __call__(self, layer: int, q, k, v):
+    def __call__(self, cache, layer, q, k, v):
         if self.kv_roundtrip is not None:
             k, v = self.kv_roundtrip(k), self.kv_roundtrip(v)
-        return causal_attention(q, k, v)
+        return causal_attention(q, k, v), cache

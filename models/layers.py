@@ -45,11 +45,16 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[Mapping[str, An
     return inv
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (the HF convention). x [B, T, H, D], positions [B, T] int."""
+def rope_tables(positions: jax.Array, inv_freq: jax.Array):
+    """(cos, sin), float32 `[B, T, 1, D/2]` each, for positions `[B, T]` int. Computed once
+    per forward and shared by every layer."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(freqs)[:, :, None, :]
-    sin = jnp.sin(freqs)[:, :, None, :]
+    return jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, rope) -> jax.Array:
+    """Rotate-half RoPE (the HF convention). x [B, T, H, D], rope = `rope_tables(...)`."""
+    cos, sin = rope
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

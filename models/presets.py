@@ -87,6 +87,9 @@ REAL: Dict[str, ModelConfig] = {
               rope_theta=1e6, attention_bias=True),
         _real("qwen2.5-32b", "qwen2", 152064, 5120, 27648, 64, 40, 8, 32768,
               rope_theta=1e6, attention_bias=True),
+        # SmolLM2-135M(-Instruct): the real test model's shape (CPU benchmarks).
+        _real("smollm2-135m", "llama", 49152, 576, 1536, 30, 9, 3, 8192, rope_theta=100000.0,
+              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
         # LLaMA-1 shapes of the MuxServe LMSYS workload (simulator only).
         _real("llama-7b", "llama", 32000, 4096, 11008, 32, 32, 32, 2048, rms_norm_eps=1e-6),
         _real("llama-13b", "llama", 32000, 5120, 13824, 40, 40, 40, 2048, rms_norm_eps=1e-6),

@@ -1,16 +1,19 @@
 """Attention kernels over the KV arena: decode, prefill, KV write, and their jnp references.
 
-Public interface (one function per operation, implementation chosen by a static `impl`):
+Public interface (one function per operation, implementation chosen by a static `impl`;
+`layer` is an int or a traced int32 scalar, never a compile-time constant of the kernels):
   decode_attention(q, kv_view, block_tables, lengths, *, fmt, layer, impl, interpret,
                    num_splits)
   prefill_attention(q, kv_view, block_tables, q_seq, q_pos, *, fmt, layer, impl, interpret)
   write_kv_view(view, fmt, layer, k, v, slot_block, slot_offset, impl)
     (`fineserve_jax.kvslab.arena.write_kv` is the arena-level form)
 
-Files: `layout` (word offsets of the block layout), `kv_unpack` (in-kernel dequantization),
-`tile_math` (flash-attention tile arithmetic), `decode_triton`, `prefill_triton` (Pallas
-Triton kernels), `reference` (jnp oracle), `kv_gather` / `kv_write` (XLA gather / scatter),
-`dispatch` (impl selection), `triton_compat` (JAX version shims).
+Files: `kv_unpack` (in-kernel dequantization), `tile_math` (flash-attention tile
+arithmetic), `decode_triton`, `prefill_triton` (Pallas Triton kernels), `query_tiles`
+(per-sequence query tiles for prefill), `reference` (jnp oracle), `xla_attention` (the XLA
+path that reads only the blocks a step needs), `kv_gather` / `kv_write` (XLA gather /
+scatter), `layer_arg` (the layer argument), `dispatch` (impl selection), `triton_compat`
+(JAX version shims). The block layout's word offsets are `fineserve_jax.formats.kv_layout`.
 """
 
 from pallas_kernels.dispatch import IMPLS, decode_attention, prefill_attention, resolve_impl

@@ -6,7 +6,8 @@ block table (split-K: long contexts are cut into `splits` column ranges whose pa
 are merged outside the kernel with a log-sum-exp combine). It walks its column range
 `blocks_per_step` blocks at a time, loading block ids from the block table in-kernel (no
 scalar prefetch on GPU), dequantizing K and V rows of its layer and head in-kernel
-(`kv_unpack.load_kv_tile`), and keeps an online softmax in float32.
+(`kv_unpack.load_kv_tile`), and keeps an online softmax in float32. The layer is a runtime
+input (a one-element int32 array), so one compiled kernel serves every layer of the scan.
 
 Masking: the loop stops at the sequence's last block, and inside a tile every row at or past
 `length` is neither read (masked load, zeros) nor kept (`where`), for V as for the scores;
@@ -42,11 +43,13 @@ def default_num_splits(batch: int, kv_heads: int, width: int, blocks_per_step: i
     return max(1, min(want, col_tiles))
 
 
-def _decode_kernel(q_ref, kv_ref, bt_ref, len_ref, o_ref, m_ref, l_ref, *, fmt: KVFormat,
-                   layer: int, blocks_per_step: int, cols_per_split: int, width: int,
+def _decode_kernel(q_ref, kv_ref, bt_ref, len_ref, layer_ref, o_ref, m_ref, l_ref, *,
+                   fmt: KVFormat, blocks_per_step: int, cols_per_split: int, width: int,
                    sm_scale: float, cdt):
     # q_ref: [e, Gp, dw] planes of this (sequence, kv head); kv_ref: [num_blocks, block_words]
-    # bt_ref: [B, W] int32; len_ref: [B] int32; o_ref: [e, Gp, dw] f32; m_ref, l_ref: [Gp].
+    # bt_ref: [B, W] int32; len_ref: [B] int32; layer_ref: [1] int32;
+    # o_ref: [e, Gp, dw] f32; m_ref, l_ref: [Gp].
+    layer = layer_ref[0]
     b = pl.program_id(0)
     h = pl.program_id(1)
     s = pl.program_id(2)
@@ -85,7 +88,7 @@ def _decode_kernel(q_ref, kv_ref, bt_ref, len_ref, o_ref, m_ref, l_ref, *, fmt: 
 
 
 def decode_attention_triton(q: jax.Array, kv_view: jax.Array, block_tables: jax.Array,
-                            lengths: jax.Array, *, fmt: KVFormat, layer: int,
+                            lengths: jax.Array, *, fmt: KVFormat, layer,
                             interpret: bool, num_splits: int | None = None,
                             blocks_per_step: int | None = None,
                             min_group_rows: int | None = None,
@@ -96,6 +99,7 @@ def decode_attention_triton(q: jax.Array, kv_view: jax.Array, block_tables: jax.
       q: `[B, Hq, D]` float (bf16/f16 -> bf16/f16 tensor-core dots; else float32 math).
       kv_view: uint32 `[num_blocks, fmt.block_words]`.
       block_tables: int32 `[B, W]`; lengths: int32 `[B]` (0 = padded row -> zeros).
+      layer: int or int32 scalar (traced: a runtime input of the kernel, not a constant).
       num_splits: split-K factor (None: enough programs to fill the GPU).
       blocks_per_step: KV blocks per inner tile (power of 2; None: 64 tokens on GPU).
       min_group_rows: pad the GQA group to at least this many rows (16 lets tl.dot run;
@@ -122,7 +126,7 @@ def decode_attention_triton(q: jax.Array, kv_view: jax.Array, block_tables: jax.
     q_planes = q_planes.astype(cdt)
 
     kernel = functools.partial(
-        _decode_kernel, fmt=fmt, layer=layer, blocks_per_step=blocks_per_step,
+        _decode_kernel, fmt=fmt, blocks_per_step=blocks_per_step,
         cols_per_split=cols_per_split, width=width, sm_scale=1.0 / math.sqrt(d), cdt=cdt)
     grid = (bsz, h, num_splits)
     o, m, l = pl.pallas_call(
@@ -133,6 +137,7 @@ def decode_attention_triton(q: jax.Array, kv_view: jax.Array, block_tables: jax.
             pl.no_block_spec,  # arena view: whole array, addressed in-kernel
             pl.no_block_spec,  # block tables
             pl.no_block_spec,  # lengths
+            pl.no_block_spec,  # layer
         ],
         out_specs=[
             pl.BlockSpec((_S, _S, _S, e, gp, dw),
@@ -147,8 +152,9 @@ def decode_attention_triton(q: jax.Array, kv_view: jax.Array, block_tables: jax.
         ],
         interpret=interpret,
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
-        name=f"decode_{fmt.kv_dtype}_L{layer}",
-    )(q_planes, kv_view, block_tables.astype(jnp.int32), lengths.astype(jnp.int32))
+        name=f"decode_{fmt.kv_dtype}",
+    )(q_planes, kv_view, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
+      jnp.asarray(layer, jnp.int32).reshape(1))
 
     # Log-sum-exp combine of the splits. An empty split has m = MASK and l = 0; a row with
     # no valid token at all (length 0) has total l = 0 and yields 0, not 0/0.

@@ -1,12 +1,19 @@
 """One Python interface per attention operation; the implementation is a static `impl`.
 
 impl:
-  "reference"      pure jnp (`pallas_kernels.reference`); every backend; the test oracle.
+  "reference"      pure jnp (`pallas_kernels.reference`); every backend; the test oracle:
+                   gathers each query's whole block-table row.
+  "xla"            plain XLA that reads only the blocks the step needs (`xla_attention`:
+                   query tiles, a loop over block columns up to the longest live context,
+                   online softmax); every backend; the fast path where no kernel runs.
   "pallas_triton"  Pallas with the Triton lowering (`decode_triton`, `prefill_triton`); GPU,
                    or CPU interpreted (`interpret=None` interprets off-GPU automatically).
   "auto"           pallas_triton on a GPU (or when `interpret=True` is asked for) if the
-                   format has power-of-2 tiles; otherwise reference.
+                   format has power-of-2 tiles; otherwise xla.
 Not implemented yet: "mosaic" (Pallas Mosaic GPU) and "jax_triton"; asking for them raises.
+
+`layer` is an int or an int32 scalar array: inside the decoder's layer scan it is traced,
+and every implementation takes it as data (one compiled layer body for every layer).
 """
 
 from __future__ import annotations
@@ -14,15 +21,16 @@ from __future__ import annotations
 import jax
 
 from fineserve_jax.formats import KVFormat
-from pallas_kernels import reference
+from pallas_kernels import reference, xla_attention
 from pallas_kernels.decode_triton import decode_attention_triton
+from pallas_kernels.layer_arg import check_layer
 from pallas_kernels.prefill_triton import prefill_attention_triton
 from pallas_kernels.tile_math import check_triton_format
 from pallas_kernels.triton_compat import on_gpu, resolve_interpret
 
 __all__ = ["IMPLS", "resolve_impl", "decode_attention", "prefill_attention"]
 
-IMPLS = ("reference", "pallas_triton", "auto")
+IMPLS = ("reference", "xla", "pallas_triton", "auto")
 _PLANNED = ("mosaic", "jax_triton")
 
 
@@ -35,7 +43,10 @@ def _triton_ok(fmt: KVFormat) -> bool:
 
 
 def resolve_impl(impl: str, fmt: KVFormat, interpret=None) -> str:
-    """The concrete implementation `impl` stands for on this backend."""
+    """The concrete implementation `impl` stands for on this backend (never "auto").
+
+    The one place where "auto" is resolved: the engine's runners call it once per model
+    with the model's KV format."""
     if impl in _PLANNED:
         raise NotImplementedError(f"attention impl {impl!r} is not implemented yet; "
                                   f"available: {IMPLS}")
@@ -43,11 +54,11 @@ def resolve_impl(impl: str, fmt: KVFormat, interpret=None) -> str:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {IMPLS}")
     if impl == "auto":
         wants_kernel = on_gpu() or interpret is True
-        return "pallas_triton" if wants_kernel and _triton_ok(fmt) else "reference"
+        return "pallas_triton" if wants_kernel and _triton_ok(fmt) else "xla"
     return impl
 
 
-def _check_common(q, kv_view, block_tables, fmt: KVFormat, layer: int):
+def _check_common(q, kv_view, block_tables, fmt: KVFormat, layer):
     if q.ndim != 3 or q.shape[2] != fmt.head_dim or q.shape[1] % fmt.num_kv_heads:
         raise ValueError(f"q {q.shape} does not fit {fmt.describe()} (need [*, Hq, "
                          f"{fmt.head_dim}] with Hq a multiple of {fmt.num_kv_heads})")
@@ -55,12 +66,11 @@ def _check_common(q, kv_view, block_tables, fmt: KVFormat, layer: int):
         raise ValueError(f"kv_view {kv_view.shape} is not a [num_blocks, {fmt.block_words}] view")
     if block_tables.ndim != 2:
         raise ValueError(f"block_tables must be [rows, width], got {block_tables.shape}")
-    if not 0 <= layer < fmt.num_layers:
-        raise ValueError(f"layer {layer} out of range for {fmt.num_layers} layers")
+    return check_layer(fmt, layer)
 
 
 def decode_attention(q: jax.Array, kv_view: jax.Array, block_tables: jax.Array,
-                     lengths: jax.Array, *, fmt: KVFormat, layer: int, impl: str = "reference",
+                     lengths: jax.Array, *, fmt: KVFormat, layer, impl: str = "reference",
                      interpret=None, num_splits: int | None = None) -> jax.Array:
     """Decode attention over the arena, one query token per sequence.
 
@@ -68,24 +78,29 @@ def decode_attention(q: jax.Array, kv_view: jax.Array, block_tables: jax.Array,
       q: `[B, Hq, D]` (Hq a multiple of fmt.num_kv_heads; D = fmt.head_dim).
       kv_view: uint32 `[num_blocks, fmt.block_words]` (`arena.typed_view`).
       block_tables: int32 `[B, W]` block ids; lengths: int32 `[B]` (0: padded row -> zeros).
-      fmt, layer: static. impl: see module doc. interpret: Pallas interpret mode (None:
-      automatic). num_splits: split-K factor for pallas_triton (None: heuristic).
+      fmt: static; layer: int or int32 scalar (may be traced). impl: see module doc.
+      interpret: Pallas interpret mode (None: automatic). num_splits: split-K factor for
+      pallas_triton (None: heuristic).
     Returns: `[B, Hq, D]` in q's dtype; softmax scale 1/sqrt(D), float32 softmax.
     """
-    _check_common(q, kv_view, block_tables, fmt, layer)
+    layer = _check_common(q, kv_view, block_tables, fmt, layer)
     if block_tables.shape[0] != q.shape[0] or lengths.shape != (q.shape[0],):
         raise ValueError(f"block_tables {block_tables.shape} / lengths {lengths.shape} do not "
                          f"match batch {q.shape[0]}")
-    if resolve_impl(impl, fmt, interpret) == "reference":
+    impl = resolve_impl(impl, fmt, interpret)
+    if impl == "reference":
         return reference.decode_attention_reference(q, kv_view, block_tables, lengths, fmt=fmt,
                                                     layer=layer)
+    if impl == "xla":
+        return xla_attention.decode_attention_xla(q, kv_view, block_tables, lengths, fmt=fmt,
+                                                  layer=layer)
     return decode_attention_triton(q, kv_view, block_tables, lengths, fmt=fmt, layer=layer,
                                    interpret=resolve_interpret(interpret),
                                    num_splits=num_splits)
 
 
 def prefill_attention(q: jax.Array, kv_view: jax.Array, block_tables: jax.Array,
-                      q_seq: jax.Array, q_pos: jax.Array, *, fmt: KVFormat, layer: int,
+                      q_seq: jax.Array, q_pos: jax.Array, *, fmt: KVFormat, layer,
                       impl: str = "reference", interpret=None) -> jax.Array:
     """Causal prefill attention (chunked prefill, prefix reuse) over the arena.
 
@@ -97,12 +112,16 @@ def prefill_attention(q: jax.Array, kv_view: jax.Array, block_tables: jax.Array,
         contiguous in q and in increasing position order.
     Returns: `[N, Hq, D]` in q's dtype.
     """
-    _check_common(q, kv_view, block_tables, fmt, layer)
+    layer = _check_common(q, kv_view, block_tables, fmt, layer)
     if q_seq.shape != (q.shape[0],) or q_pos.shape != (q.shape[0],):
         raise ValueError(f"q_seq {q_seq.shape} / q_pos {q_pos.shape} do not match {q.shape[0]} "
                          f"tokens")
-    if resolve_impl(impl, fmt, interpret) == "reference":
+    impl = resolve_impl(impl, fmt, interpret)
+    if impl == "reference":
         return reference.prefill_attention_reference(q, kv_view, block_tables, q_seq, q_pos,
                                                      fmt=fmt, layer=layer)
+    if impl == "xla":
+        return xla_attention.prefill_attention_xla(q, kv_view, block_tables, q_seq, q_pos,
+                                                   fmt=fmt, layer=layer)
     return prefill_attention_triton(q, kv_view, block_tables, q_seq, q_pos, fmt=fmt, layer=layer,
                                     interpret=resolve_interpret(interpret))

@@ -14,14 +14,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from fineserve_jax.formats import KVFormat
-from fineserve_jax.formats.kv_codec import dequantize_kv_rows
 from fineserve_jax.formats import kv_layout as layout
+from fineserve_jax.formats.kv_codec import dequantize_kv_rows
+from pallas_kernels.layer_arg import check_layer
 
 __all__ = ["gather_windows", "gather_layer_kv"]
 
 
-def gather_windows(view: jax.Array, block_ids: jax.Array, start: int, size: int) -> jax.Array:
-    """`view[block_ids, start:start + size]` as one gather: uint32 `[*block_ids.shape, size]`."""
+def gather_windows(view: jax.Array, block_ids: jax.Array, start, size: int) -> jax.Array:
+    """`view[block_ids, start:start + size]` as one gather: uint32 `[*block_ids.shape, size]`.
+    start: int or int32 scalar (traced: the layer's window); size: static."""
     ids = block_ids.astype(jnp.int32)
     idx = jnp.stack([ids, jnp.full_like(ids, start)], axis=-1)
     dnums = lax.GatherDimensionNumbers(offset_dims=(ids.ndim,), collapsed_slice_dims=(0,),
@@ -30,15 +32,16 @@ def gather_windows(view: jax.Array, block_ids: jax.Array, start: int, size: int)
                       mode=lax.GatherScatterMode.CLIP)
 
 
-def gather_layer_kv(view: jax.Array, fmt: KVFormat, layer: int,
+def gather_layer_kv(view: jax.Array, fmt: KVFormat, layer,
                     block_ids: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """Dequantized K and V of `layer` for each block id.
 
     Args:
-      view: uint32 `[num_blocks, fmt.block_words]`; block_ids: int `[...]` (valid ids).
+      view: uint32 `[num_blocks, fmt.block_words]`; layer: int or int32 scalar (traced);
+      block_ids: int `[...]` (valid ids).
     Returns: (k, v) float32 `[..., tokens_per_block, kv_heads, head_dim]`.
     """
-    layout.check_layer(fmt, layer)
+    layer = check_layer(fmt, layer)
     h, t = fmt.num_kv_heads, fmt.tokens_per_block
     lead = block_ids.shape
     rows = 2 * h * t

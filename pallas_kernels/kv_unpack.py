@@ -63,13 +63,14 @@ def unpack_subwords(words: jax.Array, kv_dtype: str) -> Tuple[jax.Array, ...]:
     raise ValueError(f"unknown KV dtype {kv_dtype!r}")
 
 
-def load_kv_tile(kv_ref, fmt: KVFormat, layer: int, kv: int, head, block_ids: jax.Array,
+def load_kv_tile(kv_ref, fmt: KVFormat, layer, kv: int, head, block_ids: jax.Array,
                  token_in_block: jax.Array, valid: jax.Array) -> Tuple[jax.Array, ...]:
     """Load and dequantize one (layer, K|V, head) tile of rows from the arena view.
 
     Args:
       kv_ref: uint32 ref `[num_blocks, block_words]` (the typed arena view, whole array).
-      layer, kv: static ints (kv: 0 = K, 1 = V); head: scalar (may be a program id).
+      layer: int32 scalar (loaded from the kernel's layer input); kv: static int (0 = K,
+        1 = V); head: scalar (may be a program id).
       block_ids: int32 `[n]` block of each row; token_in_block: int32 `[n]`;
       valid: bool `[n]`: rows to read. Invalid rows are not read from memory and come
         back as exact zeros (data and scale), so garbage or NaN past a sequence's end

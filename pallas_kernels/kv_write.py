@@ -16,8 +16,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from fineserve_jax.formats import KVFormat
-from fineserve_jax.formats.kv_codec import quantize_kv_rows
 from fineserve_jax.formats import kv_layout as layout
+from fineserve_jax.formats.kv_codec import quantize_kv_rows
+from pallas_kernels.layer_arg import check_layer
 
 __all__ = ["write_kv_view", "scatter_rows", "WRITE_IMPLS"]
 
@@ -41,14 +42,15 @@ def scatter_rows(view: jax.Array, block_ids: jax.Array, starts: jax.Array,
                        mode=lax.GatherScatterMode.FILL_OR_DROP)
 
 
-def write_kv_view(view: jax.Array, fmt: KVFormat, layer: int, k: jax.Array, v: jax.Array,
+def write_kv_view(view: jax.Array, fmt: KVFormat, layer, k: jax.Array, v: jax.Array,
                   slot_block: jax.Array, slot_offset: jax.Array,
                   impl: str = "reference") -> jax.Array:
     """Quantize and store the K/V of `N` tokens for one layer.
 
     Args:
       view: uint32 `[num_blocks, fmt.block_words]` (typed arena view).
-      layer: static int. k, v: `[N, kv_heads, head_dim]`, any float dtype.
+      layer: int or int32 scalar (traced inside the layer scan).
+      k, v: `[N, kv_heads, head_dim]`, any float dtype.
       slot_block: int32 `[N]` block ids (padded tokens: 0, the null block);
       slot_offset: int32 `[N]` token index inside the block.
       impl: "reference" | "auto" (both the fused XLA quantize + in-place scatter).
@@ -56,7 +58,7 @@ def write_kv_view(view: jax.Array, fmt: KVFormat, layer: int, k: jax.Array, v: j
     """
     if impl not in WRITE_IMPLS:
         raise ValueError(f"write_kv impl {impl!r} not available; valid: {WRITE_IMPLS}")
-    layout.check_layer(fmt, layer)
+    layer = check_layer(fmt, layer)
     n, h, d = k.shape
     if v.shape != k.shape or h != fmt.num_kv_heads or d != fmt.head_dim:
         raise ValueError(f"k {k.shape} / v {v.shape} do not match {fmt.describe()}")

@@ -4,13 +4,11 @@ Supports chunked prefill and prefix reuse: every query token attends causally to
 `0..q_pos` of its sequence, all already written into the arena (including the chunk's own
 tokens), so the kernel only reads the arena, through the block table.
 
-Work split: the packed queries of one sequence are contiguous and in increasing position
-order, so they are cut into *query tiles* of `q_tile` tokens that never straddle two
-sequences. The tile list (sequence, first packed row, number of rows) is computed outside the
-kernel from `q_seq`/`q_pos` with a static upper bound on its length
-(`ceil(N / q_tile) + min(S, N)`); spare tiles have 0 rows and do nothing. Grid
-`(tiles, kv_heads)`: a program holds `q_tile x G` query rows (the GQA group, padded to a power
-of 2) and walks the sequence's blocks up to the tile's last position with an online softmax.
+Work split: the packed queries are cut into *query tiles* of `q_tile` tokens that never
+straddle two sequences (`query_tiles`, outside the kernel; spare tiles have 0 rows and do
+nothing). Grid `(tiles, kv_heads)`: a program holds `q_tile x G` query rows (the GQA group,
+padded to a power of 2) and walks the sequence's blocks up to the tile's last position with
+an online softmax. The layer is a runtime input (one compiled kernel for every layer).
 """
 
 from __future__ import annotations
@@ -25,43 +23,20 @@ from jax.experimental import pallas as pl
 
 from fineserve_jax.formats import KVFormat
 from pallas_kernels import kv_unpack, tile_math
+from pallas_kernels.query_tiles import query_tiles
 from pallas_kernels.tile_math import is_pow2
 from pallas_kernels.triton_compat import compiler_params, load, store
 
 __all__ = ["prefill_attention_triton", "query_tiles"]
 
 
-def query_tiles(q_seq: jax.Array, q_pos: jax.Array, num_seqs: int, q_tile: int):
-    """Cut packed query tokens into per-sequence tiles (jnp, runs outside the kernel).
-
-    Args:
-      q_seq, q_pos: int32 `[N]` (q_pos -1: padding, not counted).
-    Returns: int32 `[num_tiles]` arrays (tile_seq, tile_row0, tile_rows) with the static
-      `num_tiles = ceil(N / q_tile) + min(num_seqs, N)`; tiles past the last have 0 rows.
-    """
-    n = q_seq.shape[0]
-    real = q_pos >= 0
-    seq = jnp.clip(q_seq, 0, num_seqs - 1)
-    count = jnp.zeros((num_seqs,), jnp.int32).at[seq].add(real.astype(jnp.int32))
-    first = jnp.full((num_seqs,), n, jnp.int32).at[seq].min(
-        jnp.where(real, jnp.arange(n, dtype=jnp.int32), n))
-    tiles = (count + q_tile - 1) // q_tile
-    cum = jnp.cumsum(tiles)
-    num_tiles = -(-n // q_tile) + min(num_seqs, n)
-    t = jnp.arange(num_tiles, dtype=jnp.int32)
-    tile_seq = jnp.clip(jnp.searchsorted(cum, t, side="right"), 0, num_seqs - 1).astype(jnp.int32)
-    local = t - (cum - tiles)[tile_seq]
-    live = t < cum[-1]
-    tile_row0 = jnp.where(live, first[tile_seq] + local * q_tile, 0)
-    tile_rows = jnp.where(live, jnp.clip(count[tile_seq] - local * q_tile, 0, q_tile), 0)
-    return tile_seq, tile_row0.astype(jnp.int32), tile_rows.astype(jnp.int32)
-
-
-def _prefill_kernel(tseq_ref, trow_ref, tn_ref, q_ref, kv_ref, bt_ref, qpos_ref, o_ref, *,
-                    fmt: KVFormat, layer: int, q_tile: int, group: int,
+def _prefill_kernel(tseq_ref, trow_ref, tn_ref, q_ref, kv_ref, bt_ref, qpos_ref, layer_ref,
+                    o_ref, *, fmt: KVFormat, q_tile: int, group: int,
                     blocks_per_step: int, width: int, sm_scale: float, cdt):
     # q_ref / o_ref: [H, e, (N + q_tile) * Gp, dw], row = token * Gp + group member;
-    # qpos_ref: [N + q_tile] int32 (-1 padded); bt_ref: [S, W]; kv_ref: [blocks, words].
+    # qpos_ref: [N + q_tile] int32 (-1 padded); bt_ref: [S, W]; kv_ref: [blocks, words];
+    # layer_ref: [1] int32 (the layer is a runtime input: one kernel for every layer).
+    layer = layer_ref[0]
     tile = pl.program_id(0)
     h = pl.program_id(1)
     t = fmt.tokens_per_block
@@ -110,7 +85,7 @@ def _prefill_kernel(tseq_ref, trow_ref, tn_ref, q_ref, kv_ref, bt_ref, qpos_ref,
 
 
 def prefill_attention_triton(q: jax.Array, kv_view: jax.Array, block_tables: jax.Array,
-                             q_seq: jax.Array, q_pos: jax.Array, *, fmt: KVFormat, layer: int,
+                             q_seq: jax.Array, q_pos: jax.Array, *, fmt: KVFormat, layer,
                              interpret: bool, q_tile: int | None = None,
                              blocks_per_step: int | None = None,
                              num_warps: int = 4, num_stages: int = 2) -> jax.Array:
@@ -121,6 +96,7 @@ def prefill_attention_triton(q: jax.Array, kv_view: jax.Array, block_tables: jax
       block_tables: int32 `[S, W]`; q_seq: int32 `[N]` row of block_tables of each token;
       q_pos: int32 `[N]` absolute position (-1: padding -> zeros). A sequence's tokens are
         contiguous and in increasing position order.
+      layer: int or int32 scalar (traced: a runtime input of the kernel).
       q_tile: query tokens per tile (power of 2; None: 64 rows / group on GPU, 4 interpreted).
       blocks_per_step: KV blocks per inner tile (power of 2; None: 64 tokens on GPU, 1).
     Returns: `[N, Hq, D]` in q's dtype.
@@ -147,18 +123,19 @@ def prefill_attention_triton(q: jax.Array, kv_view: jax.Array, block_tables: jax
     pos_padded = jnp.pad(q_pos, (0, q_tile), constant_values=-1)
 
     kernel = functools.partial(
-        _prefill_kernel, fmt=fmt, layer=layer, q_tile=q_tile, group=gp,
+        _prefill_kernel, fmt=fmt, q_tile=q_tile, group=gp,
         blocks_per_step=blocks_per_step, width=width, sm_scale=1.0 / math.sqrt(d), cdt=cdt)
     out = pl.pallas_call(
         kernel,
         grid=(tile_seq.shape[0], h),
-        in_specs=[pl.no_block_spec] * 7,
+        in_specs=[pl.no_block_spec] * 8,
         out_specs=pl.no_block_spec,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
         interpret=interpret,
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
-        name=f"prefill_{fmt.kv_dtype}_L{layer}",
-    )(tile_seq, tile_row0, tile_rows, qp, kv_view, block_tables.astype(jnp.int32), pos_padded)
+        name=f"prefill_{fmt.kv_dtype}",
+    )(tile_seq, tile_row0, tile_rows, qp, kv_view, block_tables.astype(jnp.int32), pos_padded,
+      jnp.asarray(layer, jnp.int32).reshape(1))
 
     out = out.reshape(h, e, n + q_tile, gp, dw)[:, :, :n]
     out = kv_unpack.merge_subwords(jnp.transpose(out, (2, 0, 3, 1, 4)))  # [N, H, Gp, D]

@@ -2,11 +2,12 @@
 
 Gather the blocks of each query's block-table row, dequantize with the storage format's
 definition (`fineserve_jax.formats.kv_codec`), and run a masked softmax in float32. Decode is the
-special case of prefill with one query per sequence at position `length - 1`.
+special case of prefill with one query per sequence at position `length - 1`. `layer` is an
+int or an int32 scalar (traced inside the decoder's layer scan).
 
 Cost: it materializes every query's whole (dequantized) context, `[N, W * tokens, kv_heads,
-head_dim]` float32, so it is meant for tests, CPU serving of small models and as the XLA
-baseline in benchmarks, not for long-context GPU serving.
+head_dim]` float32, so it is the test oracle and nothing else; `xla_attention` (impl "xla") is the XLA path
+that reads only the blocks a step needs.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array)
     return o.reshape(n, hq, d).astype(q.dtype)
 
 
-def _paged(q, kv_view, tables, q_pos, fmt: KVFormat, layer: int):
+def _paged(q, kv_view, tables, q_pos, fmt: KVFormat, layer):
     n, width = tables.shape
     k, v = gather_layer_kv(kv_view, fmt, layer, tables)  # [N, W, T, H, D]
     shape = (n, width * fmt.tokens_per_block, fmt.num_kv_heads, fmt.head_dim)
@@ -58,7 +59,7 @@ def _paged(q, kv_view, tables, q_pos, fmt: KVFormat, layer: int):
 
 
 def decode_attention_reference(q: jax.Array, kv_view: jax.Array, block_tables: jax.Array,
-                               lengths: jax.Array, *, fmt: KVFormat, layer: int) -> jax.Array:
+                               lengths: jax.Array, *, fmt: KVFormat, layer) -> jax.Array:
     """q `[B, Hq, D]`, kv_view uint32 `[num_blocks, block_words]`, block_tables int32
     `[B, W]`, lengths int32 `[B]` -> `[B, Hq, D]` (q's dtype; length 0 -> zeros)."""
     return _paged(q, kv_view, block_tables, lengths.astype(jnp.int32) - 1, fmt, layer)
@@ -66,7 +67,7 @@ def decode_attention_reference(q: jax.Array, kv_view: jax.Array, block_tables: j
 
 def prefill_attention_reference(q: jax.Array, kv_view: jax.Array, block_tables: jax.Array,
                                 q_seq: jax.Array, q_pos: jax.Array, *, fmt: KVFormat,
-                                layer: int) -> jax.Array:
+                                layer) -> jax.Array:
     """q `[N, Hq, D]`, block_tables int32 `[S, W]`, q_seq int32 `[N]` (row of block_tables),
     q_pos int32 `[N]` (-1: padding -> zeros) -> `[N, Hq, D]` in q's dtype."""
     tables = block_tables[jnp.clip(q_seq, 0, block_tables.shape[0] - 1)]

@@ -18,9 +18,13 @@ import numpy as np
 from fineserve_jax.formats import KVFormat
 from fineserve_jax.kvslab import SlabAllocator
 from fineserve_jax.kvslab import arena as arena_lib
+from pallas_kernels.triton_compat import resolve_interpret
 
-__all__ = ["PagedBatch", "allocate_tables", "write_tokens", "write_sequences", "make_paged_batch",
-           "foreign_blocks", "prefill_queries"]
+# Pallas kernels run compiled on a GPU and interpreted elsewhere (the same tests, both ways).
+INTERPRET = resolve_interpret(None)
+
+__all__ = ["INTERPRET", "PagedBatch", "allocate_tables", "write_tokens", "write_sequences",
+           "make_paged_batch", "foreign_blocks", "prefill_queries"]
 
 
 @dataclasses.dataclass

@@ -1,9 +1,11 @@
-"""Decode attention kernels vs the jnp reference (Pallas interpret mode on CPU).
+"""Decode attention implementations vs the jnp reference (Pallas in interpret mode on CPU).
 
-Every case runs the kernel on an arena whose foreign blocks (every block the batch does not
-own, the null block included) are NaN, and compares with the reference on the clean arena;
-deliberately wrong inputs (off-by-one block table, K and V swapped) must be rejected by the
-same comparison, so the tolerance is known not to be vacuous.
+Every case runs the implementation on an arena whose foreign blocks (every block the batch
+does not own, the null block included) are NaN, and compares with the reference on the clean
+arena; deliberately wrong inputs (off-by-one block table, K and V swapped, another layer)
+must be rejected by the same comparison, so the tolerance is known not to be vacuous. The
+layer is passed as a traced int32 (as inside the decoder's layer scan); the reference gets it
+as a Python int.
 """
 
 import functools
@@ -16,15 +18,27 @@ import pytest
 
 from fineserve_jax.formats import KVFormat
 from fineserve_jax.kvslab import arena as A
-from pallas_kernels import decode_attention, resolve_impl
+from pallas_kernels import decode_attention, resolve_impl, xla_attention
 import kernel_testing as T
 from pallas_kernels.decode_triton import decode_attention_triton
+from pallas_kernels.xla_attention import decode_attention_xla
 
 ATOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
+def _impl_fn(impl, fmt, num_splits, blocks_per_step, min_group_rows):
+    """The implementation under test with a runtime (traced) layer argument."""
+    if impl == "pallas_triton":
+        fn = functools.partial(decode_attention_triton, fmt=fmt, interpret=T.INTERPRET,
+                               num_splits=num_splits, blocks_per_step=blocks_per_step,
+                               min_group_rows=min_group_rows)
+    else:
+        fn = functools.partial(decode_attention_xla, fmt=fmt, blocks_per_step=blocks_per_step)
+    return jax.jit(lambda q, view, tables, lens, layer: fn(q, view, tables, lens, layer=layer))
+
+
 def _run_case(kv_dtype, hq, hkv, d, t, lengths, width, num_splits, blocks_per_step,
-              min_group_rows, q_dtype=jnp.float32, seed=0):
+              min_group_rows, q_dtype=jnp.float32, seed=0, impl="pallas_triton"):
     fmt = KVFormat(num_layers=2, num_kv_heads=hkv, head_dim=d, kv_dtype=kv_dtype,
                    tokens_per_block=t)
     batch = T.make_paged_batch(fmt, lengths, width=width, seed=seed)
@@ -32,15 +46,15 @@ def _run_case(kv_dtype, hq, hkv, d, t, lengths, width, num_splits, blocks_per_st
     q = jnp.asarray(rng.standard_normal((len(lengths), hq, d)), q_dtype)
     tables, lens = jnp.asarray(batch.block_tables), jnp.asarray(batch.lengths)
     layer = 1
+    kernel = _impl_fn(impl, fmt, num_splits, blocks_per_step, min_group_rows)
+    run = lambda view, tab, lay=layer: np.asarray(  # noqa: E731
+        kernel(q, view, tab, lens, jnp.int32(lay)).astype(jnp.float32))
 
-    kernel = jax.jit(functools.partial(
-        decode_attention_triton, fmt=fmt, layer=layer, interpret=True, num_splits=num_splits,
-        blocks_per_step=blocks_per_step, min_group_rows=min_group_rows))
     ref = np.asarray(decode_attention(q, batch.view, tables, lens, fmt=fmt, layer=layer)
                      .astype(jnp.float32))
     foreign = T.foreign_blocks(batch.view.shape[0], batch.owned)
     poisoned = A.typed_view(A.poison_blocks(batch.arena, fmt, foreign), fmt)
-    out = kernel(q, poisoned, tables, lens)
+    out = kernel(q, poisoned, tables, lens, jnp.int32(layer))
     assert out.shape == q.shape and out.dtype == q.dtype
     out = np.asarray(out.astype(jnp.float32))
     atol = ATOL[q_dtype]
@@ -48,11 +62,10 @@ def _run_case(kv_dtype, hq, hkv, d, t, lengths, width, num_splits, blocks_per_st
     np.testing.assert_array_equal(out[np.asarray(lengths) == 0], 0.0)  # padded rows
 
     # Mutants (on the clean arena, so their outputs are finite and only wrong).
-    shifted = np.asarray(kernel(q, batch.view, jnp.asarray(T.shifted_tables(batch.block_tables)),
-                                lens).astype(jnp.float32))
-    swapped = np.asarray(kernel(q, A.typed_view(T.kv_swapped_arena(batch, layer), fmt), tables,
-                                lens).astype(jnp.float32))
-    for bad in (shifted, swapped):
+    shifted = run(batch.view, jnp.asarray(T.shifted_tables(batch.block_tables)))
+    swapped = run(A.typed_view(T.kv_swapped_arena(batch, layer), fmt), tables)
+    other_layer = run(batch.view, tables, 0)
+    for bad in (shifted, swapped, other_layer):
         assert np.all(np.isfinite(bad))
         assert np.max(np.abs(bad - ref)) > 20 * atol
 
@@ -71,6 +84,25 @@ def test_decode_kernel_matches_reference(case):
     _run_case(*CASES[case])
 
 
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_decode_xla_matches_reference(case):
+    _run_case(*CASES[case], impl="xla")
+
+
+def test_decode_xla_non_pow2_block_steps_and_formats():
+    """The XLA path has no power-of-2 constraint: 3 blocks per step, 6 tokens per block."""
+    _run_case("int8", 8, 2, 16, 6, [1, 5, 6, 7, 30, 0], 6, None, 3, None, impl="xla")
+
+
+def test_decode_xla_loop_bound_covers_the_last_block(monkeypatch):
+    """Mutation: one loop step fewer than the longest context needs must be caught."""
+    _run_case("bf16", 4, 2, 16, 4, [4, 9, 16], 4, None, 1, None, impl="xla")
+    honest = xla_attention.num_steps
+    monkeypatch.setattr(xla_attention, "num_steps", lambda m, n: honest(m, n) - 1)
+    with pytest.raises(AssertionError):
+        _run_case("bf16", 4, 2, 16, 4, [4, 9, 16], 4, None, 1, None, impl="xla")
+
+
 def test_decode_kernel_dot_path_bf16_queries():
     """A 16-row group and 16-word planes take the tl.dot path; bf16 q -> bf16 output."""
     _run_case("bf16", 16, 1, 32, 8, [9, 16, 17, 0, 30], 4, 2, 2, 16, q_dtype=jnp.bfloat16)
@@ -80,14 +112,16 @@ def test_decode_random_lengths_batch():
     rng = np.random.default_rng(7)
     lengths = list(rng.integers(0, 40, 6))
     _run_case("int8", 4, 2, 16, 8, lengths, 5, None, 1, 1, seed=3)
+    _run_case("int8", 4, 2, 16, 8, lengths, 5, None, 2, None, seed=3, impl="xla")
 
 
 def test_dispatch():
     fmt = KVFormat(1, 1, 16, "bf16", 4)
     assert resolve_impl("auto", fmt) == ("pallas_triton" if jax.default_backend() == "gpu"
-                                         else "reference")
+                                         else "xla")
     assert resolve_impl("auto", fmt, interpret=True) == "pallas_triton"
-    assert resolve_impl("auto", KVFormat(1, 1, 16, "bf16", 6), interpret=True) == "reference"
+    assert resolve_impl("auto", KVFormat(1, 1, 16, "bf16", 6), interpret=True) == "xla"
+    assert resolve_impl("xla", fmt) == "xla" and resolve_impl("reference", fmt) == "reference"
     with pytest.raises(NotImplementedError):
         resolve_impl("mosaic", fmt)
     with pytest.raises(ValueError):
@@ -96,8 +130,13 @@ def test_dispatch():
     q = jnp.ones((2, 2, 16), jnp.float32)
     args = (q, batch.view, jnp.asarray(batch.block_tables), jnp.asarray(batch.lengths))
     ref = decode_attention(*args, fmt=batch.fmt, layer=0)
-    out = decode_attention(*args, fmt=batch.fmt, layer=0, impl="pallas_triton")
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+    for impl in ("pallas_triton", "xla"):
+        out = decode_attention(*args, fmt=batch.fmt, layer=0, impl=impl)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+    with pytest.raises(ValueError, match="layer 1 out of range"):
+        decode_attention(*args, fmt=batch.fmt, layer=1)
+    with pytest.raises(ValueError, match="integer scalar"):
+        decode_attention(*args, fmt=batch.fmt, layer=jnp.zeros((2,), jnp.int32))
 
 
 @pytest.mark.slow
@@ -106,3 +145,5 @@ def test_dispatch():
 def test_decode_full_product(kv_dtype, group, t, splits):
     lengths = [1, t - 1, t, t + 1, 3 * t + 2, 0]
     _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, 4, splits, 2, 1)
+    # The XLA path on the same grid (splits -> blocks per step 1 or 3).
+    _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, 4, None, splits, None, impl="xla")

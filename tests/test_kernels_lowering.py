@@ -57,3 +57,25 @@ def test_arena_ops_lower_for_cuda():
                                                     layer=1),
                 arena, jax.ShapeDtypeStruct((2, 32, 128), jnp.bfloat16),
                 jax.ShapeDtypeStruct((2, 4), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
+
+
+@pytest.mark.parametrize("kind,size", [("decode", 4), ("prefill", 16)])
+def test_engine_step_with_kernels_lowers_for_cuda_with_one_kernel_per_step(kind, size):
+    """The whole compiled step (layer scan, traced layer index, KV write, Pallas kernel,
+    sampling) lowers for CUDA, and holds one kernel call whatever the depth."""
+    from fineserve_jax.core.buckets import Buckets
+    from fineserve_jax.engine.model_runner import ModelRunner
+    from fineserve_jax.loader import load_model
+
+    counts = []
+    for depth in ((2, 4) if kind == "decode" else (2, 2)):
+        model = load_model("tiny-llama", dtype="bfloat16", num_layers=depth)
+        runner = ModelRunner("m", model, model.kv_format(4),
+                             Buckets(decode_sizes=(4,), prefill_sizes=(16,), prefill_seqs=2,
+                                     table_width=4), "pallas_triton", interpret=False)
+        arena = jax.ShapeDtypeStruct((8, 4 * runner.fmt.block_words), jnp.uint32)
+        text = runner._jit[kind].trace(runner.params, arena, runner.inputs_for(kind, size)) \
+            .lower(lowering_platforms=("cuda",)).as_text()
+        _assert_triton(text)
+        counts.append(text.count("xla.gpu.triton"))
+    assert counts[0] == counts[1] >= 1

@@ -1,8 +1,9 @@
-"""Prefill attention kernels vs the jnp reference (Pallas interpret mode on CPU).
+"""Prefill attention implementations vs the jnp reference (Pallas in interpret mode on CPU).
 
 Queries are chunks at the end of sequences whose prefix is already in the arena (chunked
 prefill / prefix reuse), packed back to back, followed by padding tokens (q_pos -1). As for
-decode: NaN in every foreign block, and mutants that the comparison must reject.
+decode: NaN in every foreign block, a traced layer, and mutants (off-by-one tables, K/V
+swapped, another layer) that the comparison must reject.
 """
 
 import functools
@@ -17,13 +18,27 @@ from fineserve_jax.formats import KVFormat
 from fineserve_jax.kvslab import arena as A
 from pallas_kernels import prefill_attention
 import kernel_testing as T
-from pallas_kernels.prefill_triton import prefill_attention_triton, query_tiles
+from pallas_kernels.prefill_triton import prefill_attention_triton
+from pallas_kernels.query_tiles import query_tiles
+from pallas_kernels.xla_attention import prefill_attention_xla
 
 ATOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
+def _impl_fn(impl, fmt, q_tile, blocks_per_step):
+    """The implementation under test with a runtime (traced) layer argument."""
+    if impl == "pallas_triton":
+        fn = functools.partial(prefill_attention_triton, fmt=fmt, interpret=T.INTERPRET,
+                               q_tile=q_tile, blocks_per_step=blocks_per_step)
+    else:
+        fn = functools.partial(prefill_attention_xla, fmt=fmt, q_tile=q_tile,
+                               blocks_per_step=blocks_per_step)
+    return jax.jit(lambda q, view, tables, q_seq, q_pos, layer: fn(q, view, tables, q_seq, q_pos,
+                                                                   layer=layer))
+
+
 def _run_case(kv_dtype, hq, hkv, d, t, lengths, chunks, pad, width, q_tile, blocks_per_step,
-              q_dtype=jnp.float32, seed=0):
+              q_dtype=jnp.float32, seed=0, impl="pallas_triton"):
     fmt = KVFormat(num_layers=2, num_kv_heads=hkv, head_dim=d, kv_dtype=kv_dtype,
                    tokens_per_block=t)
     batch = T.make_paged_batch(fmt, lengths, width=width, seed=seed)
@@ -31,26 +46,25 @@ def _run_case(kv_dtype, hq, hkv, d, t, lengths, chunks, pad, width, q_tile, bloc
     q, q_seq, q_pos = T.prefill_queries(batch.lengths, chunks, pad, hq, d, rng, q_dtype)
     tables = jnp.asarray(batch.block_tables)
     layer = 1
+    kernel = _impl_fn(impl, fmt, q_tile, blocks_per_step)
+    run = lambda view, tab, lay=layer: np.asarray(  # noqa: E731
+        kernel(q, view, tab, q_seq, q_pos, jnp.int32(lay)).astype(jnp.float32))
 
-    kernel = jax.jit(functools.partial(prefill_attention_triton, fmt=fmt, layer=layer,
-                                       interpret=True, q_tile=q_tile,
-                                       blocks_per_step=blocks_per_step))
     ref = np.asarray(prefill_attention(q, batch.view, tables, q_seq, q_pos, fmt=fmt, layer=layer)
                      .astype(jnp.float32))
     foreign = T.foreign_blocks(batch.view.shape[0], batch.owned)
     poisoned = A.typed_view(A.poison_blocks(batch.arena, fmt, foreign), fmt)
-    out = kernel(q, poisoned, tables, q_seq, q_pos)
+    out = kernel(q, poisoned, tables, q_seq, q_pos, jnp.int32(layer))
     assert out.shape == q.shape and out.dtype == q.dtype
     out = np.asarray(out.astype(jnp.float32))
     atol = ATOL[q_dtype]
     np.testing.assert_allclose(out, ref, atol=atol, rtol=atol)
     np.testing.assert_array_equal(out[np.asarray(q_pos) < 0], 0.0)
 
-    shifted = np.asarray(kernel(q, batch.view, jnp.asarray(T.shifted_tables(batch.block_tables)),
-                                q_seq, q_pos).astype(jnp.float32))
-    swapped = np.asarray(kernel(q, A.typed_view(T.kv_swapped_arena(batch, layer), fmt), tables,
-                                q_seq, q_pos).astype(jnp.float32))
-    for bad in (shifted, swapped):
+    shifted = run(batch.view, jnp.asarray(T.shifted_tables(batch.block_tables)))
+    swapped = run(A.typed_view(T.kv_swapped_arena(batch, layer), fmt), tables)
+    other_layer = run(batch.view, tables, 0)
+    for bad in (shifted, swapped, other_layer):
         assert np.all(np.isfinite(bad))
         assert np.max(np.abs(bad - ref)) > 20 * atol
 
@@ -67,6 +81,16 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_prefill_kernel_matches_reference(case):
     _run_case(*CASES[case])
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_prefill_xla_matches_reference(case):
+    _run_case(*CASES[case], impl="xla")
+
+
+def test_prefill_xla_odd_tiles_and_block_steps():
+    """q tiles of 3 tokens, 3 blocks per step, 6 tokens per block (no power-of-2 needed)."""
+    _run_case("fp8", 8, 2, 16, 6, [13, 7, 1], [13, 4, 1], 2, 4, 3, 3, impl="xla")
 
 
 def test_prefill_kernel_bf16_queries_dot_path():
@@ -91,3 +115,4 @@ def test_prefill_full_product(kv_dtype, group, t, q_tile):
     lengths = [t - 1, t, t + 1, 3 * t + 2]
     chunks = [t - 1, 2, t + 1, t]
     _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, chunks, 2, 4, q_tile, 2)
+    _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, chunks, 2, 4, q_tile, 1, impl="xla")

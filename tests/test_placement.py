@@ -10,14 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fineserve_jax.scheduler.cost_model import CostModel
+from fineserve_jax.scheduler.cost import CostModel
 from fineserve_jax.scheduler.footprint import GiB, footprint
 from fineserve_jax.scheduler.load_estimate import estimate_device, profile_model
 from fineserve_jax.scheduler.placement import (POLICIES, PlacementConfig, PlacementError, ServedModel,
                                                cluster_partitions, node_patterns, place, replan)
 from fineserve_jax.scheduler.plan import ClusterSpec, PlacementPlan, PlanError, check_plan
 
-logging.getLogger("fineserve_jax.scheduler.cost_model").setLevel(logging.ERROR)
+logging.getLogger("fineserve_jax.scheduler.cost").setLevel(logging.ERROR)
 
 
 @pytest.fixture(scope="module")

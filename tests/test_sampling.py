@@ -1,14 +1,19 @@
 """On-device sampling: greedy, temperature, top-k, top-p, per-row seeds."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fineserve_jax.engine.sampling import sample_tokens
 
+# Compiled once per shape, as inside the engine's step (eager calls would trace its
+# lax.cond anew on every call).
+_sample_tokens = jax.jit(sample_tokens)
+
 
 def _call(logits, temperature, top_k=0, top_p=1.0, seeds=None, steps=None):
     r = logits.shape[0]
-    return np.asarray(sample_tokens(
+    return np.asarray(_sample_tokens(
         jnp.asarray(logits, jnp.float32), jnp.full(r, temperature, jnp.float32),
         jnp.full(r, top_k, jnp.int32), jnp.full(r, top_p, jnp.float32),
         jnp.asarray(seeds if seeds is not None else np.arange(r), jnp.uint32),
@@ -41,3 +46,42 @@ def test_rows_are_independent_of_the_batch():
     full = _call(logits, 1.0, seeds=np.arange(6) + 7, steps=np.arange(6))
     alone = _call(logits[2:3], 1.0, seeds=[9], steps=[2])
     assert full[2] == alone[0]
+
+
+def test_extreme_accepted_sampling_params_fit_the_device_arrays():
+    """The largest and smallest values `SamplingParams` accepts go into the step's arrays
+    (int32 top_k, uint32 seed, float32 temperature/top_p) and sample valid tokens; one step past
+    each bound is refused before it could overflow an array. (The top_p floor is the smallest
+    normal float32: XLA flushes subnormals to 0, and top_p 0 keeps no token, giving token 0.)"""
+    import pytest
+
+    from fineserve_jax.core.field_checks import (
+        FLOAT32_MAX,
+        FLOAT32_TINY,
+        INT32_MAX,
+        UINT32_MAX,
+        InvalidRequest,
+    )
+    from fineserve_jax.core.sampling_params import SamplingParams
+
+    logits = np.random.default_rng(3).normal(size=(3, 40))
+    rows = [SamplingParams(temperature=FLOAT32_MAX, top_k=INT32_MAX, seed=UINT32_MAX),
+            SamplingParams(temperature=1e-30, top_p=FLOAT32_TINY, seed=0),
+            SamplingParams(temperature=2.0, top_k=1, top_p=1.0, seed=7)]
+    got = _call_rows(logits, rows)
+    assert ((0 <= got) & (got < logits.shape[1])).all()
+    assert got[1] == logits[1].argmax() and got[2] == logits[2].argmax()
+    for kw in (dict(top_k=INT32_MAX + 1), dict(seed=UINT32_MAX + 1), dict(temperature=FLOAT32_MAX * 2),
+               dict(top_p=FLOAT32_TINY / 2)):
+        with pytest.raises(InvalidRequest):
+            SamplingParams(**kw)
+
+
+def _call_rows(logits, rows):
+    return np.asarray(sample_tokens(
+        jnp.asarray(logits, jnp.float32),
+        jnp.asarray(np.array([p.temperature for p in rows], np.float32)),
+        jnp.asarray(np.array([p.top_k for p in rows], np.int32)),
+        jnp.asarray(np.array([p.top_p for p in rows], np.float32)),
+        jnp.asarray(np.array([p.seed for p in rows], np.uint32)),
+        jnp.zeros(len(rows), jnp.int32)))

@@ -1,16 +1,18 @@
-"""Local scheduler tests with a mock engine (no JAX, no model): step times come from a
-fixed cost table and sampled tokens are a constant, so every outcome is exact."""
+"""Local scheduler tests, driven by the one device loop with a fixed-cost executor (no JAX,
+no model): step times come from a fixed cost table and sampled tokens are a constant, so
+every outcome is exact."""
 
 import pytest
 
-from fineserve_jax.core.request import RequestState, Status
+from fineserve_jax.core.clock import VirtualClock
+from fineserve_jax.core.executor import FixedCostExecutor
+from fineserve_jax.core.loop import DeviceLoop
+from fineserve_jax.core.model_entry import ModelEntry, ModelLimits
+from fineserve_jax.core.request import Request, RequestState, Status
 from fineserve_jax.core.sampling_params import SamplingParams
 from fineserve_jax.kvslab import SlabAllocator
-from fineserve_jax.scheduler.execution import ModelLimits
-from fineserve_jax.scheduler.local import LocalScheduler, ModelEntry, SchedulerConfig
+from fineserve_jax.scheduler.local import LocalScheduler, SchedulerConfig
 from mock_cost import FixedCost
-
-
 
 
 def make(num_slabs=16, config=SchedulerConfig(), models=("a", "b"), block_bytes=(64, 96)):
@@ -21,40 +23,32 @@ def make(num_slabs=16, config=SchedulerConfig(), models=("a", "b"), block_bytes=
 
 
 def seq(rid, model, prompt=6, out=5, arrival=0.0, slo=None):
+    """A request, as the scheduler sees it (for tests that call `schedule` directly)."""
     return RequestState(request_id=rid, model=model, prompt_token_ids=list(range(3, 3 + prompt)),
                         sampling=SamplingParams(max_tokens=out, ignore_eos=True),
                         arrival_s=arrival, slo_ttft_s=slo)
 
 
-def drive(sched, seqs, dt=1e-3, max_iters=10_000):
-    """Mock engine loop: every request arrives at t=0 and every step takes its cost."""
-    for s in seqs:
-        sched.add(s)
-    now, ended = 0.0, []
-    for _ in range(max_iters):
-        out = sched.schedule(now)
-        for s in out.dropped:
-            s.end(Status.DROPPED, now, "slo")
-            ended.append(s)
-        if out.step is None:
-            if not sched.has_work:
-                break
-            now += dt
-            continue
-        p = out.step
-        now += (sched.cost.prefill_time(p.model, p.num_tokens) if p.kind == "prefill"
-                else sched.cost.decode_time(p.model, len(p.seqs)))
-        ended += sched.on_step_done(p, [7] * len(p.seqs), now)
-    return ended, now
+def req(rid, model, prompt=6, out=5, arrival=0.0, slo=None):
+    return Request(model, list(range(3, 3 + prompt)), SamplingParams(max_tokens=out, ignore_eos=True),
+                   arrival_s=arrival, slo_ttft_s=slo, request_id=rid)
+
+
+def drive(sched, requests):
+    """Every request arrives at t=0; the device loop serves them with the fixed costs the
+    scheduler's cost table predicts (prefill 1 ms/token, decode 2 ms)."""
+    loop = DeviceLoop(sched, FixedCostExecutor(prefill_s_per_token=1e-3, decode_s=2e-3),
+                      VirtualClock())
+    states = loop.run(requests, realtime=True)
+    return states, loop
 
 
 @pytest.mark.parametrize("execution", ["saab", "round_robin", "fcfs"])
 @pytest.mark.parametrize("admission", ["deadline", "fcfs", "shortest", "precision"])
 def test_every_request_ends_once_and_memory_returns(admission, execution):
     sched, alloc = make(config=SchedulerConfig(admission=admission, execution=execution))
-    seqs = [seq(i, "ab"[i % 2], prompt=3 + i % 7, out=2 + i % 5) for i in range(40)]
-    ended, _ = drive(sched, seqs)
-    assert sorted(s.request_id for s in ended) == list(range(40))
+    ended, loop = drive(sched, [req(i, "ab"[i % 2], prompt=3 + i % 7, out=2 + i % 5) for i in range(40)])
+    assert sorted(s.request_id for s in loop.ended) == list(range(40))
     assert all(s.status is Status.FINISHED and len(s.output_token_ids) == s.sampling.max_tokens
                for s in ended)
     assert alloc.used_bytes == 0 and alloc.free_slabs == alloc.num_slabs - 1
@@ -63,10 +57,9 @@ def test_every_request_ends_once_and_memory_returns(admission, execution):
 def test_preemption_when_memory_runs_out_mid_decode():
     # 3 usable slabs of 12 blocks (64 B) for model a; sequences grow to 10 blocks each.
     sched, alloc = make(num_slabs=4, models=("a",), block_bytes=(64,))
-    seqs = [seq(i, "a", prompt=8, out=30) for i in range(6)]
-    ended, _ = drive(sched, seqs)
+    ended, loop = drive(sched, [req(i, "a", prompt=8, out=30) for i in range(6)])
     assert sched.num_preemptions > 0
-    assert sorted(s.request_id for s in ended) == list(range(6))
+    assert sorted(s.request_id for s in loop.ended) == list(range(6))
     assert all(s.status is Status.FINISHED and len(s.output_token_ids) == 30 for s in ended)
     assert alloc.used_bytes == 0
 
@@ -74,16 +67,15 @@ def test_preemption_when_memory_runs_out_mid_decode():
 def test_saab_drops_hopeless_requests_but_keeps_feasible_ones():
     sched, _ = make()
     # 100-token prompt at 1 ms/token cannot meet a 50 ms TTFT SLO; the short one can.
-    hopeless = seq(0, "a", prompt=100, slo=0.05)
-    fine = seq(1, "a", prompt=10, slo=0.05)
-    ended, _ = drive(sched, [hopeless, fine])
+    (hopeless, fine), _ = drive(sched, [req(0, "a", prompt=100, slo=0.05),
+                                        req(1, "a", prompt=10, slo=0.05)])
     assert hopeless.status is Status.DROPPED and fine.status is Status.FINISHED
 
 
 def test_no_drop_mode_deprioritises_instead():
     sched, _ = make(config=SchedulerConfig(drop=False))
-    hopeless = seq(0, "a", prompt=100, slo=0.05)
-    ended, _ = drive(sched, [hopeless, seq(1, "a", prompt=10, slo=0.05)])
+    (hopeless, _), _ = drive(sched, [req(0, "a", prompt=100, slo=0.05),
+                                     req(1, "a", prompt=10, slo=0.05)])
     assert hopeless.status is Status.FINISHED and hopeless.low_priority
 
 
@@ -106,8 +98,9 @@ def test_saab_prefill_batch_respects_deadlines():
 def test_aging_prevents_starvation_under_shortest_first():
     sched, _ = make(num_slabs=3, config=SchedulerConfig(admission="shortest", aging_s=0.01),
                     models=("a",), block_bytes=(64,))
-    long = seq(0, "a", prompt=40, out=2, arrival=0.0)
-    ended, _ = drive(sched, [long] + [seq(i, "a", prompt=4, out=2) for i in range(1, 30)])
+    states, _ = drive(sched, [req(0, "a", prompt=40, out=2)] +
+                      [req(i, "a", prompt=4, out=2) for i in range(1, 30)])
+    long = states[0]
     assert long.status is Status.FINISHED
 
 

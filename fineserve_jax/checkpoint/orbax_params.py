@@ -33,7 +33,13 @@ def restore_params(model: nnx.Module, directory: str) -> nnx.Module:
     graphdef, state = nnx.split(model)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(directory, target)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(directory, target)
+    except Exception as e:  # tensorstore/orbax raise bare Exceptions with pages of spec text
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{directory}: orbax checkpoint could not be restored "
+                              f"({type(e).__name__}: {first}); a data file is damaged or the "
+                              f"checkpoint was saved from a model of another structure") from None
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)

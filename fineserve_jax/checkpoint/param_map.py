@@ -2,12 +2,14 @@
 
 Every importer (safetensors directories, GGUF files) produces tensors under their Hugging Face
 names (`model.layers.0.self_attn.q_proj.weight`, `[out, in]`); `build_model` checks each shape
-against the config and fills an abstract `Transformer`. So the name mapping is written once.
+against the config and fills an abstract `Transformer`, whose decoder-layer parameters are
+stacked (`layers.self_attn.q_proj.kernel` is `[num_layers, in, out]`; HF layer i is index i).
+So the name mapping is written once.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Protocol, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,23 +30,41 @@ class TensorSource(Protocol):
     def get(self, name: str) -> np.ndarray: ...
 
 
-def hf_param_map(cfg: ModelConfig) -> Iterator[Tuple[Tuple, str, bool]]:
-    """(our state path, HF tensor name, transpose) for every parameter of `Transformer`."""
-    yield ("embed_tokens",), "model.embed_tokens.weight", False
-    yield ("norm", "weight"), "model.norm.weight", False
+class ParamName(NamedTuple):
+    """One HF tensor and where it lives in our model: the state path `ours`, the index into
+    its leading (stacked layer) axis (None for a parameter outside the decoder layers), and
+    whether HF stores it transposed (`[out, in]` vs our `[in, out]`)."""
+
+    ours: Tuple[str, ...]
+    layer: Optional[int]
+    hf: str
+    transpose: bool
+
+
+def hf_param_map(cfg: ModelConfig) -> Iterator[ParamName]:
+    """Every parameter of `Transformer` with its Hugging Face tensor name.
+
+    The decoder layers' parameters are stacked (`layers.<path>` has shape `[num_layers, ...]`);
+    HF's `model.layers.{i}.<path>` is index i of it.
+    """
+    yield ParamName(("embed_tokens",), None, "model.embed_tokens.weight", False)
+    yield ParamName(("norm", "weight"), None, "model.norm.weight", False)
     if not cfg.tie_word_embeddings:
-        yield ("lm_head", "kernel"), "lm_head.weight", True
+        yield ParamName(("lm_head", "kernel"), None, "lm_head.weight", True)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            yield ("layers", i, norm, "weight"), f"{p}.{norm}.weight", False
+            yield ParamName(("layers", norm, "weight"), i, f"{p}.{norm}.weight", False)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            yield ("layers", i, "self_attn", proj, "kernel"), f"{p}.self_attn.{proj}.weight", True
+            yield ParamName(("layers", "self_attn", proj, "kernel"), i,
+                            f"{p}.self_attn.{proj}.weight", True)
         if cfg.attention_bias:
             for proj in ("q_proj", "k_proj", "v_proj"):
-                yield ("layers", i, "self_attn", proj, "bias"), f"{p}.self_attn.{proj}.bias", False
+                yield ParamName(("layers", "self_attn", proj, "bias"), i,
+                                f"{p}.self_attn.{proj}.bias", False)
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            yield ("layers", i, "mlp", proj, "kernel"), f"{p}.mlp.{proj}.weight", True
+            yield ParamName(("layers", "mlp", proj, "kernel"), i, f"{p}.mlp.{proj}.weight",
+                            True)
 
 
 def abstract_model(cfg: ModelConfig, dtype="float32") -> Transformer:
@@ -58,26 +78,40 @@ def build_model(cfg: ModelConfig, tensors: TensorSource, dtype="float32",
     """A `Transformer` of `cfg` filled from `tensors` (HF names; float32, float16 or bfloat16).
 
     Raises `CheckpointError` naming `where` and the tensor: a missing tensor, a wrong shape,
-    an unsupported dtype.
+    an unsupported dtype. The per-layer tensors of one stacked parameter are gathered into one
+    host buffer `[num_layers, ...]` and put on the device once (no second device copy).
     """
     dt = parse_dtype(dtype)
+    np_dt = np.dtype(dt)
     model = abstract_model(cfg, dtype)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
-    for ours, theirs, transpose in hf_param_map(cfg):
-        var = flat[ours]
-        if theirs not in tensors:
-            raise CheckpointError(f"{where}: checkpoint is missing tensor {theirs!r}")
-        shape = tensors.shape(theirs)
-        want = tuple(var.shape[::-1] if transpose else var.shape)
+    stacks: Dict[Tuple[str, ...], np.ndarray] = {}
+    for name in hf_param_map(cfg):
+        var = flat[name.ours]
+        if name.hf not in tensors:
+            raise CheckpointError(f"{where}: checkpoint is missing tensor {name.hf!r}")
+        ours_shape = tuple(var.shape[1:] if name.layer is not None else var.shape)
+        shape = tensors.shape(name.hf)
+        want = ours_shape[::-1] if name.transpose else ours_shape
         if shape != want:
             raise CheckpointError(
-                f"{where}: tensor {theirs!r} has shape {shape}, but the config implies {want}")
-        arr = tensors.get(theirs)
+                f"{where}: tensor {name.hf!r} has shape {shape}, but the config implies {want}")
+        arr = tensors.get(name.hf)
         if arr.dtype not in (np.float32, np.float16) and str(arr.dtype) != "bfloat16":
-            raise CheckpointError(f"{where}: tensor {theirs!r} has unsupported dtype {arr.dtype}")
-        arr = arr.T if transpose else arr
-        var.set_value(jnp.asarray(arr.astype(np.float32) if arr.dtype != dt else arr, dtype=dt))
+            raise CheckpointError(f"{where}: tensor {name.hf!r} has unsupported dtype "
+                                  f"{arr.dtype}")
+        arr = arr.T if name.transpose else arr
+        # Other float dtypes go through float32, then round once to the model dtype.
+        arr = arr if arr.dtype == np_dt else arr.astype(np.float32).astype(np_dt)
+        if name.layer is None:
+            var.set_value(jnp.asarray(arr))
+        else:
+            if name.ours not in stacks:
+                stacks[name.ours] = np.empty(var.shape, np_dt)
+            stacks[name.ours][name.layer] = arr
+    for ours, buf in stacks.items():
+        flat[ours].set_value(jnp.asarray(buf))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     _materialize_buffers(model)  # RoPE frequencies are computed, not loaded
     return model
@@ -86,9 +120,12 @@ def build_model(cfg: ModelConfig, tensors: TensorSource, dtype="float32",
 def model_tensors(model: Transformer) -> Iterator[Tuple[str, np.ndarray]]:
     """(HF name, numpy array in HF layout) for every parameter of a float `model`."""
     flat = dict(nnx.to_flat_state(nnx.state(model)))
-    for ours, theirs, transpose in hf_param_map(model.config):
-        arr = np.asarray(flat[ours].get_value())
-        yield theirs, np.ascontiguousarray(arr.T if transpose else arr)
+    host: Dict[Tuple[str, ...], np.ndarray] = {}
+    for name in hf_param_map(model.config):
+        if name.ours not in host:
+            host[name.ours] = np.asarray(flat[name.ours].get_value())
+        arr = host[name.ours] if name.layer is None else host[name.ours][name.layer]
+        yield name.hf, np.ascontiguousarray(arr.T if name.transpose else arr)
 
 
 def _materialize_buffers(model: Transformer) -> None:

@@ -2,16 +2,21 @@
 
 Each is AOT-compiled once per block size for a fixed number of ids; shorter id lists are
 padded with an out-of-range id, which the scatter drops, so nothing compiles after start-up.
+On a tensor-parallel group every device applies the same ids to its part of the arena (a
+block id means the same block on every device), under `shard_map`.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, Iterable, Iterator, Sequence
+
+from typing import Optional
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from fineserve_jax.engine.sharding import AXIS, DeviceGroup
 from fineserve_jax.formats import KVFormat
 from fineserve_jax.kvslab import arena as arena_lib
 
@@ -32,28 +37,47 @@ class BlockOps:
     one id space whatever model owns them, so any format of that size addresses them)."""
 
     def __init__(self, arena: jax.Array, formats: Iterable[KVFormat], chunk: int,
-                 copy: bool, poison: bool):
+                 copy: bool, poison: bool, group: Optional[DeviceGroup] = None):
+        """formats: the block formats of the arena (per device on a group)."""
         self.chunk = chunk
-        sds = jax.ShapeDtypeStruct(arena.shape, arena.dtype)
-        ids = jax.ShapeDtypeStruct((chunk,), np.int32)
+        placed = group is not None
+        sds = jax.ShapeDtypeStruct(arena.shape, arena.dtype,
+                                   sharding=arena.sharding if placed else None)
+        ids = jax.ShapeDtypeStruct((chunk,), np.int32,
+                                   sharding=group.replicated if placed else None)
         by_size: Dict[int, KVFormat] = {f.block_bytes: f for f in formats}
         self._copy, self._poison = {}, {}
         for b, fmt in by_size.items():
             if copy:
-                fn = jax.jit(functools.partial(arena_lib.copy_blocks, fmt=fmt), donate_argnums=0)
-                self._copy[b] = fn.lower(sds, src_block_ids=ids, dst_block_ids=ids).compile()
+                fn = _per_device(lambda a, s, d, fmt=fmt: arena_lib.copy_blocks(a, fmt, s, d),
+                                 group, 2)
+                self._copy[b] = fn.lower(sds, ids, ids).compile()
             if poison:
-                fn = jax.jit(functools.partial(arena_lib.poison_blocks, fmt=fmt), donate_argnums=0)
-                self._poison[b] = fn.lower(sds, block_ids=ids).compile()
+                fn = _per_device(lambda a, ids, fmt=fmt: arena_lib.poison_blocks(a, fmt, ids),
+                                 group, 1)
+                self._poison[b] = fn.lower(sds, ids).compile()
 
     def copy(self, arena: jax.Array, block_bytes: int, src: Sequence[int], dst: Sequence[int]):
         """Copy blocks src[i] -> dst[i] (sources are all read before any write)."""
         for s, d in zip(padded_chunks(src, self.chunk), padded_chunks(dst, self.chunk)):
-            arena = self._copy[block_bytes](arena, src_block_ids=s, dst_block_ids=d)
+            arena = self._copy[block_bytes](arena, s, d)
         return arena
 
     def poison(self, arena: jax.Array, block_bytes: int, ids: Sequence[int]):
         """Fill blocks with NaN bits (debug: a read of freed KV would show)."""
         for c in padded_chunks(ids, self.chunk):
-            arena = self._poison[block_bytes](arena, block_ids=c)
+            arena = self._poison[block_bytes](arena, c)
         return arena
+
+
+def _per_device(op, group: Optional[DeviceGroup], num_id_args: int):
+    """jit of `op(arena, *ids)` with the arena donated; on a group of tp > 1 devices each
+    device applies it to its own rows of the arena (its part of every block)."""
+    if group is None:
+        return jax.jit(op, donate_argnums=0)
+    rows = group.arena_sharding
+    if group.tp > 1:
+        op = jax.shard_map(op, mesh=group.mesh, in_specs=(P(AXIS, None),) + (P(),) * num_id_args,
+                           out_specs=P(AXIS, None))
+    return jax.jit(op, donate_argnums=0, in_shardings=(rows,) + (group.replicated,) * num_id_args,
+                   out_shardings=rows)

@@ -1,39 +1,43 @@
 """The multi-model device engine: N models of any presets share one KV arena.
 
-One iteration: the local scheduler admits requests into KV memory and picks a (model,
-batch); the batch builder fills the bucket's fixed-shape numpy arrays; the AOT-compiled
-step runs with the arena donated; while it runs the host takes in new arrivals; then the
-sampled tokens update the requests, and finished ones free their blocks.
+The engine is the device half of the one per-device loop (`fineserve_jax.core.loop`): it
+loads and compiles the models, builds the arena and its allocator, profiles every compiled
+bucket, and hands the loop a `DeviceExecutor` and a wall clock. Scheduling, submission
+rules, request lifecycles and KV bookkeeping are the loop's and the scheduler's, the same
+code the simulator runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
-import numpy as np
 
-from fineserve_jax.core.request import Request, RequestState, Status
-from fineserve_jax.core.sampling_params import SamplingParams, stop_ids
+from fineserve_jax.core.buckets import Buckets
+from fineserve_jax.core.clock import WallClock
+from fineserve_jax.core.loop import DeviceLoop, LoopConfig
+from fineserve_jax.core.model_entry import ModelEntry, ModelLimits
+from fineserve_jax.core.request import Request, RequestState
+from fineserve_jax.engine.arena_sizing import auto_arena_bytes
 from fineserve_jax.engine.block_ops import BlockOps
-from fineserve_jax.engine.buckets import Buckets
 from fineserve_jax.engine.compile_counter import compile_count
+from fineserve_jax.engine.device_executor import DeviceExecutor
+from fineserve_jax.engine import step_cache
 from fineserve_jax.engine.model_runner import ModelRunner
-from fineserve_jax.engine.step_inputs import build_decode, build_prefill
-from fineserve_jax.kvslab import (
-    SlabAllocator,
-    apply_compaction,
-    choose_slab_bytes,
-    plan_compaction,
-)
+from fineserve_jax.engine.sharding import device_group, kv_split, local_kv_format
+from fineserve_jax.kvslab import SlabAllocator, device_slab_bytes
 from fineserve_jax.kvslab import arena as arena_lib
 from fineserve_jax.loader import Model, load_model
 from fineserve_jax.metrics import RequestRecord
-from fineserve_jax.scheduler.execution import ModelLimits
-from fineserve_jax.scheduler.local import LocalScheduler, ModelEntry, SchedulerConfig
+from fineserve_jax.scheduler.local import LocalScheduler, SchedulerConfig
 from fineserve_jax.scheduler.step_cost import BucketProfile
+
+
+log = logging.getLogger("fineserve_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,314 +60,277 @@ class RequestOutput:
     status: str  # finished | dropped | failed
     finish_reason: Optional[str]
     error: Optional[str] = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
-def resolve_attention_impl(impl: str) -> str:
-    if impl == "auto":
-        return "reference" if jax.default_backend() == "cpu" else "pallas_triton"
-    return impl
+def _check_int(name: str, value, lo: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise ValueError(f"Engine: {name} must be an int >= {lo}, got {value!r}")
+    return value
 
 
 class Engine:
-    """Continuous batching of several models over one shared KV arena on one device."""
+    """Continuous batching of several models over one shared KV arena on one device.
+
+    `devices`: the device group the engine runs on (None: the default device, nothing
+    placed). A group of tp > 1 devices runs every model tensor-parallel over all of them
+    (`engine.sharding`): parameters split Megatron-style, KV heads split so each device's part
+    of the arena holds its heads of every block; the allocator, block ids and block tables
+    stay one for the group. `arena_bytes` is then the arena of *each* device.
+    """
 
     def __init__(self, models: Sequence[Union[ModelSpec, Tuple[str, Union[str, Model], str]]], *,
-                 arena_bytes: int = 16 << 20, tokens_per_block: int = 16,
+                 arena_bytes: Union[int, str] = "auto", tokens_per_block: int = 16,
                  max_model_len: int = 512, buckets: Optional[Buckets] = None,
                  scheduler: SchedulerConfig = SchedulerConfig(), attention_impl: str = "auto",
                  dtype: str = "float32", seed: int = 0, slab_target_bytes: int = 64 << 10,
-                 compilation_cache_dir: Optional[str] = None, debug_poison: bool = False,
+                 compilation_cache_dir: Optional[str] = "auto", debug_poison: bool = False,
                  compaction_interval: int = 16, compaction_max_moves: int = 64,
-                 profile_reps: int = 2):
-        if compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+                 profile_reps: int = 2, enable_prefix_caching: bool = True,
+                 devices: Optional[Sequence] = None, vocab_parallel: bool = True):
+        if arena_bytes != "auto":
+            _check_int("arena_bytes", arena_bytes, 1)
+        _check_int("tokens_per_block", tokens_per_block, 1)
+        _check_int("max_model_len", max_model_len, 2)
+        _check_int("slab_target_bytes", slab_target_bytes, 1)
+        _check_int("seed", seed, 0)
+        _check_int("compaction_interval", compaction_interval, 0)
+        _check_int("compaction_max_moves", compaction_max_moves, 1)
+        _check_int("profile_reps", profile_reps, 0)
+        if buckets is not None and not isinstance(buckets, Buckets):
+            raise ValueError(f"Engine: buckets must be a Buckets, got {type(buckets).__name__}")
+        if not isinstance(scheduler, SchedulerConfig):
+            raise ValueError(f"Engine: scheduler must be a SchedulerConfig, got "
+                             f"{type(scheduler).__name__}")
+        for name, v in (("debug_poison", debug_poison), ("enable_prefix_caching", enable_prefix_caching)):
+            if not isinstance(v, bool):
+                raise ValueError(f"Engine: {name} must be a bool, got {v!r}")
+        if not isinstance(models, (list, tuple)):
+            raise ValueError(f"Engine: models must be a list of ModelSpec, got {type(models).__name__}")
         specs = [m if isinstance(m, ModelSpec) else ModelSpec(*m) for m in models]
         if not specs:
             raise ValueError("Engine needs at least one model")
         names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, got {names}")
-        self.impl = resolve_attention_impl(attention_impl)
+        if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"Engine: model names must be unique non-empty strings, got {names}")
+        if compilation_cache_dir is not None and not isinstance(compilation_cache_dir, str):
+            raise ValueError(f"Engine: compilation_cache_dir must be a folder, 'auto' or None, "
+                             f"got {compilation_cache_dir!r}")
+        if not isinstance(vocab_parallel, bool):
+            raise ValueError(f"Engine: vocab_parallel must be a bool, got {vocab_parallel!r}")
+        self.group = device_group(devices)
+        self.tp = self.group.tp if self.group is not None else 1
+        t_start = time.perf_counter()
+        step_cache.enable_persistent_cache(compilation_cache_dir)
         self.tokens_per_block = tokens_per_block
-        width = -(-max_model_len // tokens_per_block)
-        self.buckets = dataclasses.replace(buckets or Buckets(), table_width=width)
         self.models: Dict[str, Model] = {}
-        for s in specs:
-            m = s.model if isinstance(s.model, Model) else load_model(s.model, quant=s.quant,
-                                                                        dtype=dtype, seed=seed)
-            self.models[s.name] = m
-        self.formats = {n: m.kv_format(tokens_per_block) for n, m in self.models.items()}
+        # Models are built on the group's first device (not the process's default one), then
+        # placed in their layouts by the runners.
+        where = (jax.default_device(self.group.devices[0]) if self.group is not None
+                 else contextlib.nullcontext())
+        with where:
+            for s in specs:
+                m = s.model if isinstance(s.model, Model) else load_model(
+                    s.model, quant=s.quant, dtype=dtype, seed=seed)
+                self.models[s.name] = m
+        # Block formats as each device stores them (its KV heads; all of them when tp = 1):
+        # the allocator, the slab size and the block bytes are per device.
+        self.kv_splits = {n: kv_split(m.config.num_heads, m.config.num_kv_heads, self.tp)
+                          for n, m in self.models.items()}
+        self.formats = {n: local_kv_format(m.kv_format(tokens_per_block), self.kv_splits[n])
+                        for n, m in self.models.items()}
         self.max_len = {n: min(max_model_len, m.config.max_context) for n, m in self.models.items()}
+        # Block tables are as wide as the longest context actually served (a huge
+        # max_model_len beyond every model's context costs nothing).
+        width = -(-max(self.max_len.values()) // tokens_per_block)
+        self.buckets = dataclasses.replace(buckets or Buckets(), table_width=width)
 
         # One arena; the slab size is a common multiple of every block size (no tails).
-        choice = choose_slab_bytes([f.block_bytes for f in self.formats.values()],
-                                   target_slab_bytes=slab_target_bytes, max_lcm_factor=1e9)
-        slab = choice.slab_bytes * max(1, slab_target_bytes // choice.slab_bytes)
+        slab = device_slab_bytes([f.block_bytes for f in self.formats.values()], slab_target_bytes)
+        self.arena_sizing = "given"
+        if arena_bytes == "auto":
+            b = self.buckets
+            arena_bytes, self.arena_sizing = auto_arena_bytes(
+                [f.block_bytes for f in self.formats.values()],
+                [-(-self.max_len[n] // tokens_per_block) for n in self.formats],
+                b.max_decode + b.prefill_seqs, slab,
+                self.group.devices[0] if self.group is not None else jax.devices()[0])
+            log.info("KV arena %s", self.arena_sizing)
         num_slabs = arena_bytes // slab
         if num_slabs < 2:
-            raise ValueError(f"arena of {arena_bytes} B holds fewer than 2 slabs of {slab} B "
-                             f"(slab 0 is reserved); give a larger arena_bytes")
+            raise ValueError(f"Engine: an arena of {arena_bytes} B holds fewer than 2 slabs of "
+                             f"{slab} B (slab 0 is reserved); give a larger arena_bytes")
         self.slab_bytes, self.num_slabs = slab, num_slabs
-        self.allocator = SlabAllocator(num_slabs=num_slabs, slab_bytes=slab)
-        self.arena = arena_lib.make_arena(num_slabs, slab)
+        allocator = SlabAllocator(num_slabs=num_slabs, slab_bytes=slab)
+        arena = (arena_lib.make_arena(num_slabs, slab) if self.group is None else
+                 arena_lib.make_arena(num_slabs, slab, device=self.group.arena_sharding,
+                                      parts=self.tp))
 
-        self.runners = {n: ModelRunner(n, m, self.formats[n], self.buckets, self.impl)
+        self.runners = {n: ModelRunner(n, m, self.formats[n], self.buckets, attention_impl,
+                                       group=self.group, vocab_parallel=vocab_parallel)
                         for n, m in self.models.items()}
         c0 = compile_count()
         t0 = time.perf_counter()
-        for r in self.runners.values():
-            r.compile_all(self.arena)
-        self.cost = BucketProfile()
+        # Every model's steps compile together, in one thread per core.
+        # Samplers are shared by the models of a vocabulary size (`executable_key`).
+        lowered, keys = {}, {}
         for n, r in self.runners.items():
-            self.arena, times = r.profile(self.arena, reps=profile_reps)
+            low = r.lower_all(arena)
+            keys[n] = {key: r.executable_key(key) for key in low}
+            for key, lw in low.items():
+                lowered.setdefault(keys[n][key], lw)
+        compiled = step_cache.compile_many(lowered)
+        for n, r in self.runners.items():
+            r.set_compiled({key: compiled[k] for key, k in keys[n].items()})
+        block_ops = BlockOps(arena, self.formats.values(), compaction_max_moves,
+                             copy=compaction_interval > 0, poison=debug_poison, group=self.group)
+        t_compiled = time.perf_counter()
+        self.cost = BucketProfile()
+        measured = 0
+        for n, r in self.runners.items():
+            arena, times, k = r.profile(arena, reps=profile_reps)
+            measured += k
             for (kind, size), t in times.items():
                 self.cost.set(n, kind, size, t)
-        self.warmup_s = time.perf_counter() - t0
-
-        b = self.buckets
-        entries = {n: ModelEntry(n, self.models[n].preset.name, f.block_bytes, tokens_per_block,
-                                 ModelLimits(b.max_prefill, b.prefill_seqs, b.max_decode))
-                   for n, f in self.formats.items()}
-        self.scheduler = LocalScheduler(entries, self.allocator, self.cost, scheduler)
-        self.debug_poison = debug_poison
-        if debug_poison:
-            self.scheduler.freed_log = []
-        self.compaction_interval = compaction_interval
-        self.compaction_max_moves = compaction_max_moves
-        self.block_ops = BlockOps(self.arena, self.formats.values(), compaction_max_moves,
-                                  copy=compaction_interval > 0, poison=debug_poison)
-        self.compaction_stats = {"runs": 0, "moved_blocks": 0, "moved_bytes": 0, "freed_slabs": 0}
+        t_ready = time.perf_counter()
+        self.warmup_s = t_ready - t0
         self.warmup_compiles = compile_count() - c0
         self._c_ready = compile_count()
-        self._next_id = 0
-        self._states: Dict[int, RequestState] = {}
-        self._ended: List[RequestState] = []
-        self.kv_samples: List[Tuple[float, int, int]] = []
-        self.num_steps = 0
-        self._clock0 = time.perf_counter()
+        steps = sum(len(list(r.shapes())) for r in self.runners.values())
+        self.startup = {
+            "load_s": sum(m.load_s for m in self.models.values()),
+            "quantize_s": sum(m.quantize_s for m in self.models.values()),
+            "compile_s": t_compiled - t0, "profile_s": t_ready - t_compiled,
+            "total_s": t_ready - t_start, "arena_bytes": num_slabs * slab,
+            "arena_sizing": self.arena_sizing, "steps": steps, "backend_compiles": self.warmup_compiles,
+            "steps_profiled": measured, "steps_profile_reused": steps - measured,
+            "compilation_cache_dir": step_cache.enable_persistent_cache(None)}
+        log.info("engine ready in %.1f s: load %.1f s, quantize %.1f s, compile %.1f s (%d steps, "
+                 "%d backend compiles), profile %.1f s (%d measured, %d known)",
+                 self.startup["total_s"], self.startup["load_s"], self.startup["quantize_s"],
+                 self.startup["compile_s"], steps, self.warmup_compiles, self.startup["profile_s"],
+                 measured, steps - measured)
 
-    # -- clock ----------------------------------------------------------------------------
-    def now(self) -> float:
-        return time.perf_counter() - self._clock0
+        b = self.buckets
+        limits = ModelLimits(b.max_prefill, b.prefill_seqs, b.max_decode)
+        entries = {n: ModelEntry(n, m.preset.name, self.formats[n].block_bytes, tokens_per_block,
+                                 limits, max_len=self.max_len[n], vocab_size=m.config.vocab_size,
+                                 eos_token_id=m.config.eos_token_id)
+                   for n, m in self.models.items()}
+        self.debug_poison = debug_poison
+        self.scheduler = LocalScheduler(entries, allocator, self.cost, scheduler,
+                                        track_freed=debug_poison,
+                                        prefix_caching=enable_prefix_caching)
+        self.executor = DeviceExecutor(self.runners, arena, self.buckets, tokens_per_block,
+                                       block_ops, debug_poison)
+        self.loop = DeviceLoop(self.scheduler, self.executor, WallClock(),
+                               tokenizers={n: m.tokenizer for n, m in self.models.items()},
+                               config=LoopConfig(compaction_interval, compaction_max_moves))
 
-    def reset_clock(self) -> None:
-        self._clock0 = time.perf_counter()
+    def reconfigure(self, scheduler: Optional[SchedulerConfig] = None,
+                    enable_prefix_caching: Optional[bool] = None) -> None:
+        """Change the scheduling policy or prefix caching between runs (nothing in flight);
+        the compiled steps, the arena and the step-time profile are kept. Cached prefixes
+        are dropped."""
+        if self.scheduler.has_work:
+            raise RuntimeError("Engine.reconfigure: requests are in flight")
+        old = self.scheduler
+        config = scheduler if scheduler is not None else old.config
+        caching = (enable_prefix_caching if enable_prefix_caching is not None
+                   else bool(old.caches))
+        if not isinstance(config, SchedulerConfig) or not isinstance(caching, bool):
+            raise ValueError("Engine.reconfigure: scheduler must be a SchedulerConfig and "
+                             "enable_prefix_caching a bool")
+        for c in old.caches:  # the idle cached blocks go back to the pool
+            for block_bytes, ids in c.clear():
+                self.executor.release_blocks(block_bytes, ids)
+        self.scheduler = LocalScheduler(dict(old.models), old.allocator, self.cost, config,
+                                        track_freed=self.debug_poison, prefix_caching=caching)
+        self.scheduler.num_preemptions = old.num_preemptions
+        self.loop.set_scheduler(self.scheduler)  # the request history (ids, records) stays
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def impl(self) -> str:
+        """The attention implementation the compiled steps use (resolved, never "auto")."""
+        impls = {r.impl for r in self.runners.values()}
+        return impls.pop() if len(impls) == 1 else ",".join(sorted(impls))
+
+    @property
+    def allocator(self) -> SlabAllocator:
+        return self.scheduler.allocator
+
+    @property
+    def arena(self):
+        return self.executor.arena
+
+    @property
+    def kv_samples(self) -> List[Tuple[float, int, int]]:
+        return self.loop.kv_samples
+
+    @property
+    def num_steps(self) -> int:
+        return self.loop.stats.steps
+
+    @property
+    def compaction_stats(self) -> dict:
+        return self.loop.stats.compaction()
 
     @property
     def steady_state_compiles(self) -> int:
         return compile_count() - self._c_ready
 
-    # -- submission -----------------------------------------------------------------------
-    def _validate(self, req: Request) -> Tuple[Optional[List[int]], Optional[str]]:
-        if req.model not in self.models:
-            return None, f"unknown model {req.model!r}; serving: {', '.join(self.models)}"
-        if not isinstance(req.sampling, SamplingParams):
-            return None, f"sampling must be SamplingParams, got {type(req.sampling).__name__}"
-        problem = req.sampling.problem()
-        if problem:
-            return None, f"invalid sampling parameters: {problem}"
-        m = self.models[req.model]
-        if isinstance(req.prompt, str):
-            ids = m.tokenizer.encode(req.prompt)
-        else:
-            try:
-                ids = [int(t) for t in req.prompt]
-            except (TypeError, ValueError):
-                return None, "prompt must be a string or a list of token ids"
-        if not ids:
-            return None, "empty prompt"
-        bad = [t for t in ids if not 0 <= t < m.config.vocab_size]
-        if bad:
-            return None, f"token ids out of range [0, {m.config.vocab_size}): {bad[:4]}"
-        limit = self.max_len[req.model]
-        if len(ids) >= limit:
-            return None, (f"prompt of {len(ids)} tokens exceeds the model's maximum of "
-                          f"{limit - 1} prompt tokens (context {limit})")
-        fmt = self.formats[req.model]
-        # A request must be able to finish alone, else preemption would cycle forever.
-        longest = min(len(ids) + req.sampling.max_tokens, limit)
-        need = fmt.blocks_for_tokens(longest)
-        cap = (self.num_slabs - 1) * (self.slab_bytes // fmt.block_bytes)
-        if need > cap:
-            return None, (f"prompt + max_tokens ({longest} tokens) needs {need} KV blocks but "
-                          f"the arena holds only {cap} blocks of this model's format")
-        return ids, None
+    def now(self) -> float:
+        return self.loop.clock.now()
 
+    # -- serving ----------------------------------------------------------------------------
     def submit(self, req: Request) -> RequestState:
-        """Queue a request (arrival time = `req.arrival_s` on the engine clock). A bad
-        request is failed at once with a reason; it never reaches the scheduler."""
-        rid = req.request_id if req.request_id is not None else self._next_id
-        self._next_id = max(self._next_id, rid + 1)
-        ids, error = self._validate(req)
-        model = self.models.get(req.model)
-        seq = RequestState(
-            request_id=rid, model=req.model, prompt_token_ids=ids or [],
-            sampling=req.sampling if isinstance(req.sampling, SamplingParams) else SamplingParams(),
-            arrival_s=req.arrival_s, slo_ttft_s=req.slo_ttft_s,
-            stop_ids=frozenset(stop_ids(req.sampling, model.config.eos_token_id)) if model and not error else frozenset(),
-            max_len=self.max_len.get(req.model, 0))
-        self._states[rid] = seq
-        if error:
-            seq.end(Status.FAILED, req.arrival_s, error)
-            self._ended.append(seq)
-        else:
-            self.scheduler.add(seq)
-        return seq
+        """Queue one request (arrival on the engine clock); see `DeviceLoop.submit`."""
+        return self.loop.submit(req)
 
-    # -- one iteration ----------------------------------------------------------------------
-    def step(self, while_device_runs: Optional[Callable[[], None]] = None) -> bool:
-        """Run one scheduler iteration; returns False when there was nothing to run.
-
-        `while_device_runs` is host work done between dispatching the step and reading its
-        tokens back (the engine's own loop takes in new arrivals there).
-        """
-        if (self.compaction_interval > 0 and self.scheduler.waiting
-                and self.num_steps % self.compaction_interval == 0):
-            self.compact()  # requests wait for memory: give sparse slabs back to the pool
-        now = self.now()
-        out = self.scheduler.schedule(now)
-        for s in out.dropped:
-            s.end(Status.DROPPED, now, "slo")
-            self._ended.append(s)
-        if self.debug_poison:
-            # Blocks freed by preemption/dropping may already be reallocated within this
-            # schedule() call: poison them before the step writes its new KV.
-            self._poison_freed()
-        plan = out.step
-        if plan is None:
-            return False
-        runner = self.runners[plan.model]
-        b, t = self.buckets, self.tokens_per_block
-        if plan.kind == "prefill":
-            size = b.prefill_bucket(plan.num_tokens)
-            x = build_prefill(plan.seqs, plan.chunks, size, b.prefill_seqs, b.table_width, t)
-        else:
-            size = b.decode_bucket(len(plan.seqs))
-            x = build_decode(plan.seqs, size, b.table_width, t)
-        t0 = time.perf_counter()
-        self.arena, tokens = runner.run(plan.kind, size, self.arena, x)
-        tokens.copy_to_host_async()
-        # Overlap: while the device runs, the host samples KV use and takes in arrivals.
-        self.kv_samples.append((now, self.allocator.used_bytes, self._reserved_bytes()))
-        # If the host work outlasted the step, the elapsed time measures the host, not the
-        # device: then it is not fed to the cost model.
-        device_outlasted_host = True
-        if while_device_runs is not None:
-            while_device_runs()
-            device_outlasted_host = not tokens.is_ready()
-        host_tokens = np.asarray(tokens)
-        if device_outlasted_host:
-            self.cost.observe(plan.model, plan.kind, size, time.perf_counter() - t0)
-        done = self.scheduler.on_step_done(plan, host_tokens[: len(plan.seqs)].tolist(), self.now())
-        self._ended.extend(done)
-        if self.debug_poison:
-            self._poison_freed()
-        self.num_steps += 1
-        return True
-
-    def _poison_freed(self) -> None:
-        log, self.scheduler.freed_log = self.scheduler.freed_log, []
-        for model, ids in log:
-            self.arena = self.block_ops.poison(self.arena, self.formats[model].block_bytes, ids)
-
-    def compact(self) -> int:
-        """Move live blocks out of the sparsest slabs so they return to the common pool
-        (device copy, then allocator bookkeeping, then block-table rewrite). Returns the
-        number of slabs freed."""
-        plan = plan_compaction(self.allocator, max_moves=self.compaction_max_moves)
-        if not plan.moves:
-            return 0
-        for b in plan.block_sizes:
-            moves = [m for m in plan.moves if m.block_bytes == b]
-            self.arena = self.block_ops.copy(self.arena, b, [m.src for m in moves],
-                                             [m.dst for m in moves])
-        freed = apply_compaction(self.allocator, plan)
-        self._rewrite_block_tables(plan)
-        if self.debug_poison:  # a stale table entry would now read NaN
-            for b in plan.block_sizes:
-                self.arena = self.block_ops.poison(
-                    self.arena, b, [m.src for m in plan.moves if m.block_bytes == b])
-        st = self.compaction_stats
-        st["runs"] += 1
-        st["moved_blocks"] += plan.num_moves
-        st["moved_bytes"] += plan.moved_bytes
-        st["freed_slabs"] += len(freed)
-        return len(freed)
-
-    def _rewrite_block_tables(self, plan) -> None:
-        for b in plan.block_sizes:
-            id_map = plan.id_map(b)
-            for seqs in self.scheduler.running.values():
-                for s in seqs:
-                    if self.formats[s.model].block_bytes == b:
-                        s.block_ids = [id_map.get(i, i) for i in s.block_ids]
-
-    def _reserved_bytes(self) -> int:
-        return (self.num_slabs - 1 - self.allocator.free_slabs) * self.slab_bytes
-
-    # -- driving a workload -----------------------------------------------------------------
     def run(self, requests: Sequence[Request], realtime: bool = True, progress: bool = False,
             ) -> List[RequestOutput]:
-        """Serve `requests` (arrival times on the engine clock, starting now) to the end.
+        """Serve `requests` (arrival times in seconds after this call starts) to the end.
 
         realtime: requests arrive at their `arrival_s`; otherwise all are queued at once.
-        Returns one output per request, in the order given.
+        Returns one output per request, in the order given; a bad request gets a `failed`
+        output with the reason, and never disturbs the others.
         """
-        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
-        states: List[Optional[RequestState]] = [None] * len(requests)
+        if not isinstance(requests, (list, tuple)):
+            raise ValueError(f"Engine.run: requests must be a list, got {type(requests).__name__}")
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(requests), unit="req", desc="serving", mininterval=1.0)
-        self.reset_clock()
-        nxt = 0
-        ended_before = len(self._ended)
 
-        def take_arrivals():
-            nonlocal nxt
-            now = self.now()
-            while nxt < len(order) and (not realtime or requests[order[nxt]].arrival_s <= now):
-                i = order[nxt]
-                req = requests[i] if realtime else dataclasses.replace(requests[i], arrival_s=now)
-                states[i] = self.submit(req)
-                nxt += 1
+        ended_before = len(self.loop.ended)
 
-        while True:
-            take_arrivals()
-            ran = self.step(while_device_runs=take_arrivals)
+        def on_iteration(loop):
+            n = len(loop.ended) - ended_before
+            if n > bar.n:
+                bar.update(n - bar.n)
+
+        try:
+            states = self.loop.run(requests, realtime=realtime,
+                                   on_iteration=on_iteration if bar is not None else None)
+        finally:
             if bar is not None:
-                bar.update(len(self._ended) - ended_before - bar.n)
-            if not ran:
-                if nxt == len(order) and not self.scheduler.has_work:
-                    break
-                if not any(self.scheduler.running.values()) and self.scheduler.waiting and \
-                        self.allocator.used_bytes == 0 and nxt == len(order):
-                    # Validation guarantees a lone request fits; never spin if that breaks.
-                    raise RuntimeError(f"scheduler stalled with {len(self.scheduler.waiting)} "
-                                       f"waiting requests and an empty arena")
-                if nxt < len(order):
-                    wait = requests[order[nxt]].arrival_s - self.now()
-                    if wait > 0 and not self.scheduler.has_work:
-                        time.sleep(min(wait, 0.05))
-        if bar is not None:
-            bar.close()
+                bar.close()
         return [self.output(s) for s in states]
 
     def output(self, s: RequestState) -> RequestOutput:
-        tok = self.models[s.model].tokenizer if s.model in self.models else None
+        model = self.models.get(s.model)
+        text = None
+        if model is not None and model.tokenizer is not None:
+            try:
+                text = model.tokenizer.decode(s.output_token_ids)
+            except Exception:  # noqa: BLE001 - tokens stay available; text is a convenience
+                text = None
         return RequestOutput(
             request_id=s.request_id, model=s.model, prompt_token_ids=list(s.prompt_token_ids),
-            token_ids=list(s.output_token_ids),
-            text=tok.decode(s.output_token_ids) if tok is not None else None,
-            status=s.status.value, finish_reason=s.finish_reason, error=s.error)
+            token_ids=list(s.output_token_ids), text=text, status=s.status.value,
+            finish_reason=s.finish_reason, error=s.error, num_cached_tokens=s.num_cached_tokens)
 
     def records(self) -> List[RequestRecord]:
         """Metric records of every request that ended."""
-        out = []
-        for s in self._states.values():
-            if not s.status.is_final:
-                continue
-            preset = self.models[s.model].preset.name if s.model in self.models else None
-            out.append(s.to_record(preset))
-        return out
+        return self.loop.records()

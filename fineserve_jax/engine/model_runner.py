@@ -1,47 +1,123 @@
 """One model's compiled steps: prefill per token-count bucket and decode per batch bucket,
-compiled ahead of time, with the arena donated and rebound."""
+compiled ahead of time, with the arena donated and rebound.
+
+A step is a pure function `(params, arena, inputs) -> (new arena, logits [rows, vocab])`: the
+arena's typed view goes through the decoder's layer scan as the cache carry (see
+`PagedAttention`) and comes back out; nothing is held as backend state. Sampling is a second
+compiled program per row count (`sample_tokens`), dispatched right after the step: it is the
+same for every model of a vocabulary size, so it is compiled once per (rows, vocab) instead of
+inside each of a model's bucketed steps (it was ~40% of a tiny model's step compile time)."""
 
 from __future__ import annotations
 
+import hashlib
 import time
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import numpy as np
 from flax import nnx
 
-from fineserve_jax.engine.buckets import Buckets
+from fineserve_jax.core.buckets import Buckets
+from fineserve_jax.engine import step_cache
 from fineserve_jax.engine.paged_attention import PagedAttention
 from fineserve_jax.engine.sampling import sample_tokens
+from fineserve_jax.engine.sharding import (DeviceGroup, KVSplit, kv_split, layouts_key,
+                                           param_layouts, place_params, shardings_of)
 from fineserve_jax.engine.step_inputs import StepInputs, empty_inputs
 from fineserve_jax.formats import KVFormat
+from fineserve_jax.kvslab import arena as arena_lib
 from fineserve_jax.loader import Model
+from pallas_kernels import resolve_impl
 
 
-def _step_fn(graphdef, fmt: KVFormat, kind: str, impl: str):
+def _step_fn(graphdef, fmt: KVFormat, kind: str, impl: str, interpret=None,
+             group: Optional[DeviceGroup] = None, split: Optional[KVSplit] = None):
+    """The step `(params, arena, x) -> (arena, logits [rows, vocab] float32)`. With a group
+    of tp > 1 devices, `fmt` is the per-device KV format and the arena is split by rows."""
     def step(params, arena, x: StepInputs):
         module = nnx.merge(graphdef, params)
-        backend = PagedAttention(arena, fmt, kind, x, impl)
+        backend = PagedAttention(fmt, kind, x, impl, interpret, group, split)
+        view = arena_lib.typed_view(arena, fmt)
         if kind == "decode":
-            logits = module(x.tokens[:, None], x.positions[:, None], backend)[:, 0]
+            logits, view = module(x.tokens[:, None], x.positions[:, None], backend, view)
+            logits = logits[:, 0]
         else:
-            logits = module(x.tokens[None], x.positions[None], backend,
-                            logits_indices=x.logits_idx[None])[0]
-        tokens = sample_tokens(logits, x.temperature, x.top_k, x.top_p, x.seeds, x.steps)
-        return backend.arena, tokens
+            logits, view = module(x.tokens[None], x.positions[None], backend, view,
+                                  logits_indices=x.logits_idx[None])
+            logits = logits[0]
+        return arena_lib.from_view(view, arena.shape), logits.astype(jax.numpy.float32)
 
     return step
 
 
-class ModelRunner:
-    """Owns a model's parameters (split once from the NNX module) and compiled steps."""
+def _sampling_args(x: StepInputs) -> tuple:
+    """The per-row sampling arrays of a step's inputs (each [rows])."""
+    return x.temperature, x.top_k, x.top_p, x.seeds, x.steps
 
-    def __init__(self, name: str, model: Model, fmt: KVFormat, buckets: Buckets, impl: str):
-        self.name, self.model, self.fmt, self.buckets, self.impl = name, model, fmt, buckets, impl
-        graphdef, self.params = nnx.split(model.module)
-        self._jit = {k: jax.jit(_step_fn(graphdef, fmt, k, impl), donate_argnums=(1,))
-                     for k in ("prefill", "decode")}
+
+class ModelRunner:
+    """Owns a model's parameters (split once from the NNX module: the same arrays, no copy)
+    and its compiled steps.
+
+    `impl` is the user's attention impl ("auto" allowed); it is resolved once here by the
+    kernel dispatcher's rules for this model's KV format, and `self.impl` is the result.
+    `interpret` is the Pallas interpret mode (None: interpret unless running on a GPU;
+    False also lets a CPU machine lower the steps for a GPU, as the lowering tests do).
+    `group`: the device group to run on (None: the default device, nothing placed); its
+    parameters are then placed in their tensor-parallel layouts (`engine.sharding`; the
+    module is updated to hold the placed arrays, so there is one copy) and `fmt` must be
+    the per-device KV format. `vocab_parallel`: split the embedding and LM head over the
+    vocabulary (else replicate them).
+    """
+
+    def __init__(self, name: str, model: Model, fmt: KVFormat, buckets: Buckets, impl: str,
+                 interpret: Optional[bool] = None, group: Optional[DeviceGroup] = None,
+                 vocab_parallel: bool = True):
+        self.name, self.model, self.fmt, self.buckets = name, model, fmt, buckets
+        self.requested_impl = impl
+        self.impl = resolve_impl(impl, fmt, interpret)
+        self.group = group
+        cfg = model.config
+        self.split = kv_split(cfg.num_heads, cfg.num_kv_heads, group.tp if group else 1)
+        if fmt.num_kv_heads != self.split.local_heads:
+            raise ValueError(f"{name}: KV format {fmt.describe()} is not the per-device format "
+                             f"of {self.split.local_heads} KV heads (tp {self.split.tp})")
+        graphdef, params = nnx.split(model.module)
+        self.layouts = param_layouts(params, cfg, self.split.tp, vocab_parallel=vocab_parallel)
+        if group is not None:
+            params = place_params(params, group, self.layouts)
+            nnx.update(model.module, params)  # one copy: the module holds the placed arrays
+        self.params = params
+        # Models of the same structure share one jitted function per step kind, so JAX's
+        # own cache serves a second engine of the same shapes (step_cache); on a device
+        # group the key holds the group and the parameter layouts too.
+        structure = hashlib.sha256(repr(graphdef).encode()).hexdigest()
+        placement = None if group is None else (group.key, layouts_key(self.layouts))
+        self._jit = {k: step_cache.shared_step(
+            (structure, fmt, k, self.impl, interpret, placement),
+            lambda k=k: jax.jit(_step_fn(graphdef, fmt, k, self.impl, interpret, group,
+                                         self.split),
+                                donate_argnums=(1,), **self._shardings()))
+            for k in ("prefill", "decode")}
+        self._sampler_key = ("sampler", None if group is None else group.key, cfg.vocab_size)
+        self._sampler_jit = step_cache.shared_step(self._sampler_key, lambda: jax.jit(sample_tokens))
+        # (kind, size) -> step executable; ("sample", rows) -> sampler executable
         self._compiled: Dict[Tuple[str, int], object] = {}
+        self._fingerprint: Dict[Tuple[str, int], str] = {}
+
+    def _shardings(self) -> dict:
+        """jit's in/out shardings on a device group (params as placed, the arena split by
+        rows, step inputs and outputs replicated); none on the default device."""
+        g = self.group
+        if g is None:
+            return {}
+        return {"in_shardings": (shardings_of(self.params), g.arena_sharding, g.replicated),
+                "out_shardings": (g.arena_sharding, g.replicated)}
+
+    def _arena_spec(self, arena) -> jax.ShapeDtypeStruct:
+        sharding = arena.sharding if self.group is not None else None
+        return jax.ShapeDtypeStruct(arena.shape, arena.dtype, sharding=sharding)
 
     def shapes(self):
         b = self.buckets
@@ -50,25 +126,75 @@ class ModelRunner:
         for n in b.decode_sizes:
             yield "decode", n, (n, n)
 
-    def compile_all(self, arena: jax.Array) -> None:
-        """AOT-compile every (kind, bucket) step for this arena's shape."""
-        arena_sds = jax.ShapeDtypeStruct(arena.shape, arena.dtype)
+    def sampler_rows(self):
+        """Row counts of the steps' logits (each needs a sampler executable)."""
+        return sorted({rows for _, _, (_, rows) in self.shapes()})
+
+    def executable_key(self, key: Tuple[str, int]) -> tuple:
+        """Process-wide identity of the executable behind `key` (samplers are shared by
+        every model of a vocabulary size on the same devices)."""
+        return (*self._sampler_key, key[1]) if key[0] == "sample" else (id(self), *key)
+
+    def lower_all(self, arena: jax.Array) -> Dict[Tuple[str, int], object]:
+        """Lower every (kind, bucket) step for this arena's shape and a sampler per row
+        count; {(kind, size) or ("sample", rows): Lowered}."""
+        arena_sds = self._arena_spec(arena)
+        lowered = {}
         for kind, size, (tokens, rows) in self.shapes():
             x = empty_inputs(tokens, rows, self.buckets.table_width)
-            self._compiled[(kind, size)] = self._jit[kind].lower(self.params, arena_sds, x).compile()
+            lowered[(kind, size)] = low = self._jit[kind].lower(self.params, arena_sds, x)
+            self._fingerprint[(kind, size)] = step_cache.fingerprint(low)
+        for rows in self.sampler_rows():
+            x = empty_inputs(rows, rows, self.buckets.table_width)
+            logits = jax.ShapeDtypeStruct((rows, self.model.config.vocab_size), jax.numpy.float32,
+                                          sharding=None if self.group is None
+                                          else self.group.replicated)
+            lowered[("sample", rows)] = self._sampler_jit.lower(logits, *_sampling_args(x))
+        return lowered
+
+    def set_compiled(self, compiled: Dict[Tuple[str, int], object]) -> None:
+        """Install the executables of `lower_all`'s keys (compiled by the caller)."""
+        self._compiled.update(compiled)
+
+    def compile_all(self, arena: jax.Array) -> None:
+        """AOT-compile every step and sampler for this arena's shape (from the in-process
+        and persistent caches where they hold it), several at once."""
+        self.set_compiled(step_cache.compile_many(self.lower_all(arena)))
 
     def inputs_for(self, kind: str, size: int) -> StepInputs:
         tokens, rows = (size, self.buckets.prefill_seqs) if kind == "prefill" else (size, size)
         return empty_inputs(tokens, rows, self.buckets.table_width)
 
     def run(self, kind: str, size: int, arena: jax.Array, x: StepInputs):
-        """Dispatch one step (asynchronous). Returns (new arena, tokens [rows] on device)."""
-        return self._compiled[(kind, size)](self.params, arena, x)
+        """Dispatch one step and its sampler (asynchronous). Returns (new arena, tokens
+        [rows] on device)."""
+        arena, logits = self._compiled[(kind, size)](self.params, arena, x)
+        return arena, self._compiled[("sample", logits.shape[0])](logits, *_sampling_args(x))
+
+    def compile_logits(self, kind: str, size: int, arena: jax.Array):
+        """The step of `kind` and bucket `size` (logits out, no sampling), compiled on first
+        use if the warm-up has not (tests, debugging, inspecting the partitioned program)."""
+        key = (kind, size)
+        if key not in self._compiled:
+            self._compiled[key] = self._jit[kind].lower(
+                self.params, self._arena_spec(arena), self.inputs_for(kind, size)).compile()
+        return self._compiled[key]
+
+    def step_logits(self, kind: str, size: int, arena: jax.Array, x: StepInputs):
+        """One step without sampling: returns (new arena, logits [rows, vocab] float32)."""
+        return self.compile_logits(kind, size, arena)(self.params, arena, x)
 
     def profile(self, arena: jax.Array, reps: int = 2):
-        """Time every compiled step on padding inputs; returns (arena, {(kind, size): s})."""
-        times = {}
+        """Time every compiled step on padding inputs (best of reps + 1), except steps whose
+        time is known from an earlier profile of the same program on this kind of device;
+        returns (arena, {(kind, size): seconds}, number of steps measured)."""
+        times, measured = {}, 0
         for kind, size, _ in self.shapes():
+            fp = self._fingerprint[(kind, size)]
+            known = step_cache.known_time(fp)
+            if known is not None:
+                times[(kind, size)] = known
+                continue
             x = self.inputs_for(kind, size)
             best = float("inf")
             for _ in range(reps + 1):
@@ -77,4 +203,7 @@ class ModelRunner:
                 np.asarray(tok)
                 best = min(best, time.perf_counter() - t0)
             times[(kind, size)] = best
-        return arena, times
+            measured += 1
+            if reps > 0:  # a single cold run is no profile worth keeping
+                step_cache.record_time(fp, best)
+        return arena, times, measured

@@ -23,6 +23,7 @@ from fineserve_jax.kvslab.compaction import (
 from fineserve_jax.kvslab.slab_size import (
     SlabSizeChoice,
     choose_slab_bytes,
+    device_slab_bytes,
     num_slabs_for_arena,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "block_byte_offset",
     "SlabSizeChoice",
     "choose_slab_bytes",
+    "device_slab_bytes",
     "num_slabs_for_arena",
     "BlockMove",
     "CompactionPlan",

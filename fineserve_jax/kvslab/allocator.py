@@ -120,6 +120,8 @@ class SlabAllocator:
         self._recycled: List = [None] * num_slabs  # stack of freed local indices
         self._fresh: List[int] = [0] * num_slabs  # local indices >= this were never used
         self._used_bytes = 0
+        self._last_fmt: List = [None] * num_slabs  # the format a slab last held
+        self.reformatted_slabs = 0  # slabs formatted for a different size than last time
 
     # --- geometry -------------------------------------------------------------------------
 
@@ -267,6 +269,10 @@ class SlabAllocator:
         want = 1 if live else 0
         base = slab * fmt.per_slab
         return [base + i for i in range(fmt.per_slab) if flags[i] == want]
+
+    def live_in_slab(self, slab: int) -> int:
+        """Live blocks in a slab (0 for a free slab), O(1)."""
+        return self._used[slab] if self._slab_fmt[slab] is not None else 0
 
     def slab_block_bytes(self, slab: int) -> int:
         """Block size a slab is formatted for, 0 if it is free (or the null slab)."""
@@ -463,6 +469,10 @@ class SlabAllocator:
 
     def _format_slab(self, fmt: _Format) -> int:
         s = heapq.heappop(self._free_slabs)
+        last = self._last_fmt[s]
+        if last is not None and last is not fmt:
+            self.reformatted_slabs += 1  # memory moved between formats through the pool
+        self._last_fmt[s] = fmt
         self._slab_fmt[s] = fmt
         self._used[s] = 0
         self._live[s] = bytearray(fmt.per_slab)

@@ -15,7 +15,10 @@ Every updating function returns the new arena; call it under `jit` with the aren
 In a step that writes layer l, reads it (attention), then writes layer l+1, the layer l+1
 write must data-depend on layer l's reads (in a transformer it does: its K/V come from layer
 l's output); two writes with a read of the intermediate arena that nothing orders before the
-second write make XLA copy the whole arena to keep that read valid.
+second write make XLA copy the whole arena to keep that read valid. The engine's step runs
+the layers as a `lax.scan` with the arena's typed view in the carry: the body's write updates
+the loop buffer in place and its reads follow it (tests/test_model_runner.py checks the
+compiled step's aliasing, temporaries and buffer pointer).
 """
 
 from __future__ import annotations
@@ -45,15 +48,25 @@ __all__ = [
 POISON_WORD = 0xFFFFFFFF
 
 
-def make_arena(num_slabs: int, slab_bytes: int, device=None) -> jax.Array:
-    """Zero-filled uint32 `[num_slabs, slab_bytes // 4]` on `device` (default device if None)."""
-    if num_slabs <= 0 or slab_bytes <= 0:
-        raise ValueError(f"need positive num_slabs and slab_bytes, got {num_slabs}, {slab_bytes}")
+def make_arena(num_slabs: int, slab_bytes: int, device=None, parts: int = 1) -> jax.Array:
+    """Zero-filled uint32 `[parts * num_slabs, slab_bytes // 4]` on `device` (a device, a
+    sharding, or None for the default device).
+
+    `parts` > 1 is the arena of a tensor-parallel group: `device` is then a sharding that
+    splits the rows over `parts` devices, so device j holds rows `j * num_slabs ..` as an
+    arena of its own (its KV heads of every slab; `slab_bytes` is the per-device slab).
+    """
+    if num_slabs <= 0 or slab_bytes <= 0 or parts <= 0:
+        raise ValueError(f"need positive num_slabs, slab_bytes and parts, got {num_slabs}, "
+                         f"{slab_bytes}, {parts}")
     if slab_bytes % WORD_BYTES:
         raise ValueError(f"slab_bytes {slab_bytes} must be a multiple of {WORD_BYTES}")
-    # Created on the device directly: a host or default-device copy of a ~100 GiB arena
+    if parts > 1 and len(getattr(device, "device_set", ())) != parts:
+        raise ValueError(f"an arena of {parts} parts needs a sharding over {parts} devices, "
+                         f"got {device!r}")
+    # Created on the device(s) directly: a host or default-device copy of a ~100 GiB arena
     # would not fit.
-    return jnp.zeros((num_slabs, slab_bytes // WORD_BYTES), jnp.uint32, device=device)
+    return jnp.zeros((parts * num_slabs, slab_bytes // WORD_BYTES), jnp.uint32, device=device)
 
 
 def _check_arena(arena: jax.Array) -> None:
@@ -88,12 +101,12 @@ def from_view(view: jax.Array, arena_shape) -> jax.Array:
     return view.reshape(tuple(arena_shape))
 
 
-def write_kv(arena: jax.Array, fmt: KVFormat, layer: int, k: jax.Array, v: jax.Array,
+def write_kv(arena: jax.Array, fmt: KVFormat, layer, k: jax.Array, v: jax.Array,
              slot_block: jax.Array, slot_offset: jax.Array, impl: str = "reference") -> jax.Array:
     """Quantize (fused) and store K/V rows of N tokens for one layer; returns the new arena.
 
     Args:
-      arena: uint32 `[num_slabs, slab_words]`; layer: static int.
+      arena: uint32 `[num_slabs, slab_words]`; layer: int or int32 scalar (may be traced).
       k, v: `[N, kv_heads, head_dim]` any float dtype.
       slot_block: int32 `[N]` block ids (padded tokens -> 0, the null block: harmless);
       slot_offset: int32 `[N]` token index within the block.
@@ -104,7 +117,7 @@ def write_kv(arena: jax.Array, fmt: KVFormat, layer: int, k: jax.Array, v: jax.A
     return from_view(view, arena.shape)
 
 
-def read_kv(arena: jax.Array, fmt: KVFormat, layer: int, block_ids: jax.Array):
+def read_kv(arena: jax.Array, fmt: KVFormat, layer, block_ids: jax.Array):
     """Dequantized (k, v), float32 `[n_blocks, tokens_per_block, kv_heads, head_dim]` each
     (reference / debugging)."""
     return gather_layer_kv(typed_view(arena, fmt), fmt, layer, jnp.asarray(block_ids))

@@ -126,6 +126,17 @@ def choose_slab_bytes(
     return choice(best, "fixed")
 
 
+def device_slab_bytes(block_bytes_list: Iterable[int], target_slab_bytes: int = 64 * MiB) -> int:
+    """The slab size a device arena uses for these block sizes: a common multiple of all of
+    them (the typed views need whole blocks per slab, so no tails), the least common multiple
+    scaled up to near `target_slab_bytes`. The engine and the simulator both size slabs here."""
+    sizes = sorted({_positive(int(b), "block bytes") for b in block_bytes_list})
+    if not sizes:
+        raise ValueError("device_slab_bytes needs at least one block size")
+    lcm = math.lcm(*sizes)
+    return lcm * max(1, _positive(int(target_slab_bytes), "target_slab_bytes") // lcm)
+
+
 def num_slabs_for_arena(arena_bytes: int, slab_bytes: int) -> int:
     """Slabs (null slab included) that fit in an arena byte budget; the remainder is unused.
 

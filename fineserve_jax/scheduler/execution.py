@@ -8,36 +8,12 @@ baselines. Pure Python.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, List, Optional, Tuple
 
+from fineserve_jax.core.model_entry import ModelLimits
 from fineserve_jax.core.request import RequestState
 
 EXECUTION_POLICIES = ("saab", "round_robin", "fcfs")
-
-
-@dataclasses.dataclass
-class StepPlan:
-    """One step to run. Prefill: `chunks[i]` tokens of `seqs[i]` starting at its
-    `num_computed`. Decode: one token per sequence."""
-
-    model: str
-    kind: str  # "prefill" | "decode"
-    seqs: List[RequestState]
-    chunks: List[int]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.chunks)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelLimits:
-    """What one model's compiled steps can take."""
-
-    max_prefill_tokens: int
-    max_prefill_seqs: int
-    max_decode_seqs: int
 
 
 def pack_prefill(pending: List[RequestState], limits: ModelLimits, now: float, cost, model: str,

@@ -19,7 +19,7 @@ from fineserve_jax.scheduler.placement import PlacementConfig, ServedModel, plac
 from fineserve_jax.scheduler.plan import ClusterSpec, PlacementPlan, check_plan
 from fineserve_jax.sim.config import SimConfig, System
 from fineserve_jax.sim.device import DeviceResult, DeviceSim
-from fineserve_jax.sim.routing import route
+from fineserve_jax.cluster.routing import route
 from fineserve_jax.workload.spec import WorkloadRequest
 
 
@@ -49,7 +49,7 @@ class SimResult:
         return sum(d.steps for d in self.devices)
 
     def summary(self) -> Dict[str, Any]:
-        """`metrics.summarize` + "kv" (cluster and per device) + "compile" (zeros: nothing is
+        """`metrics.summarize` + "kv" (cluster and per device) + "compile" (None: nothing is
         compiled in a simulation) + "placement" (the plan) + "sim" (simulator statistics)."""
         plan = self.plan
         duration = self.duration_s
@@ -67,7 +67,11 @@ class SimResult:
             {"device": d.device_id, **metrics.kv_summary(d.kv_samples, arena_bytes=d.kv_arena_bytes,
                                                          slab_bytes=d.slab_bytes, end_s=_end(d, duration))}
             for d in self.devices]
-        s["compile"] = {"warmup_compiles": 0, "steady_state_compiles": 0, "warmup_s": None}
+        # Nothing is compiled in a simulation: the counts are unknown, not zero.
+        s["compile"] = {"warmup_compiles": None, "steady_state_compiles": None, "warmup_s": None}
+        stats = [d.prefix_cache for d in self.devices if d.prefix_cache is not None]
+        summed = ({k: sum(st[k] for st in stats) for k in stats[0]} if stats else None)
+        s["prefix_cache"] = metrics.prefix_cache_summary(summed, self.records)
         s["placement"] = plan.to_dict()
         s["sim"] = {"system": self.system, "wall_s": self.wall_s,
                     "device_wall_s": sum(d.wall_s for d in self.devices),

@@ -38,7 +38,8 @@ class SimConfig:
       "static" (each model its own partition, sized by the plan's kv_partition_bytes).
     max_prefill_tokens / max_prefill_seqs / max_decode_seqs: the step limits (ModelLimits),
       like vLLM's max_num_batched_tokens and max_num_seqs.
-    slab_target_bytes: preferred slab size (choose_slab_bytes; at least the largest block).
+    slab_target_bytes: preferred slab size (`kvslab.device_slab_bytes`, the engine's rule: the
+      least common multiple of the block sizes scaled up to near this).
     slab_bytes: an exact slab size instead (e.g. an engine's, to mirror it); a multiple of
       every block size is wasteless.
     prefill_buckets / decode_buckets: fixed step shapes to charge (prompt tokens / decode
@@ -47,6 +48,9 @@ class SimConfig:
       least wakeup_idle_s. A CPU backend pays this (its thread pool and caches go cold: +1.1 ms
       after 100 ms idle on the dev machine, measured by experiments.profile); 0 by default.
     kv_sample_interval_s: KV-use samples every this many simulated seconds.
+    compaction_interval / compaction_max_moves: compact KV slabs every this many steps while
+      requests wait (0: never; the engine's default is 16), at most this many block moves.
+    prefix_caching: share the KV of cached prompt prefixes (the engine's prefix cache).
     workers: processes simulating devices in parallel (devices are independent given the
       plan and the routing); 0 = os.cpu_count().
     """
@@ -64,6 +68,9 @@ class SimConfig:
     wakeup_idle_s: float = 0.005
     kv_sample_interval_s: float = 1.0
     token_id: int = 7  # every sampled token (ignore_eos: generation runs to max_tokens)
+    compaction_interval: int = 0
+    compaction_max_moves: int = 64
+    prefix_caching: bool = True
     workers: int = 1
 
     def __post_init__(self):

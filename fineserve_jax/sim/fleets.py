@@ -111,19 +111,22 @@ def fleet_workload(fleet: Fleet, *, duration_s: Optional[float] = None,
                    num_requests: Optional[int] = None, arrival: str = "poisson", cv: float = 1.0,
                    seed: int = 0, trace: Optional[str] = None, trace_start_s: float = 0.0,
                    trace_time_scale: Optional[float] = None,
-                   trace_target_rate: Optional[float] = None):
+                   trace_target_rate: Optional[float] = None, prefixes=None):
     """The fleet's requests: synthetic (`generate_workload` at the fleet's rates and lengths)
     or, with `trace`, an Azure-format trace replayed with its own arrivals and lengths and each
     request assigned to a model with probability proportional to the fleet's rates. SLOs are
     left empty (the placement fills in each model's). `duration_s` bounds the synthetic
-    workload or the trace window (trace seconds, before time scaling)."""
+    workload or the trace window (trace seconds, before time scaling). `prefixes`: a
+    `workload.PrefixSharing` for synthetic workloads (shared system prompts, sessions)."""
     from fineserve_jax.workload.spec import ModelLoad, generate_workload
     from fineserve_jax.workload.traces import replay_trace
 
     if trace is not None:
+        if prefixes is not None:
+            raise ValueError("shared prefixes apply to synthetic workloads, not to a trace")
         return replay_trace(trace, fleet.rates(), start_s=trace_start_s, duration_s=duration_s,
                             max_requests=num_requests, time_scale=trace_time_scale,
                             target_rate=trace_target_rate, seed=seed)
     loads = [ModelLoad(m.name, m.rate) for m in fleet.models]
     return generate_workload(loads, duration_s=duration_s, num_requests=num_requests, arrival=arrival,
-                             cv=cv, lengths=fleet.lengths, seed=seed)
+                             cv=cv, lengths=fleet.lengths, seed=seed, prefixes=prefixes)

@@ -21,6 +21,7 @@ from fineserve_jax.workload.lengths import (
     lmsys,
     sharegpt,
 )
+from fineserve_jax.workload.prefixes import PrefixSharing, prompt_tokens, token_stream
 from fineserve_jax.workload.rates import (
     ModelRate,
     RatesConfig,
@@ -50,5 +51,5 @@ __all__ = [
     "ModelRate", "RatesConfig", "RatesFileError", "lmsys_rates", "load_rates_yaml",
     "model_size_from_path", "ModelLoad", "WorkloadRequest", "as_model_loads",
     "generate_workload", "workload_stats", "Trace", "TraceError", "load_azure_trace",
-    "replay_trace",
+    "replay_trace", "PrefixSharing", "prompt_tokens", "token_stream",
 ]

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from fineserve_jax.workload.arrivals import arrival_times, check_process
 from fineserve_jax.workload.lengths import LengthsLike, RequestLengths, as_lengths
+from fineserve_jax.workload.prefixes import PrefixSharing, Segments, assign_prefixes, prompt_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,13 @@ class WorkloadRequest:
     prompt_len: int
     output_len: int
     slo_ttft_s: Optional[float] = None
+    # What the prompt starts with: (token stream, tokens) segments shared with other
+    # requests (system prompts, earlier turns of a session); see workload.prefixes.
+    prefix: Segments = ()
+
+    def prompt_tokens(self, vocab_size: int) -> List[int]:
+        """The prompt's token ids (deterministic; shared segments are equal across requests)."""
+        return prompt_tokens(self.request_id, self.prompt_len, self.prefix, vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +60,34 @@ class ModelLoad:
 
 
 ModelsLike = Union[Mapping[str, float], Sequence[ModelLoad]]
+
+# generate_workload refuses to build more requests than this by default (a WorkloadRequest
+# takes ~250 B: 20M is ~5 GB); a rate or duration typo must not end in a MemoryError.
+MAX_GENERATED_REQUESTS = 20_000_000
+
+
+def check_number(name: str, value, lo: float = -math.inf, lo_open: bool = False,
+                 optional: bool = False) -> Optional[float]:
+    """`value` as a finite float >= lo (> lo with lo_open); None passes when `optional`.
+    Raises ValueError naming the argument."""
+    if value is None and optional:
+        return None
+    bound = "" if lo == -math.inf else f" {'>' if lo_open else '>='} {lo:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < lo or (lo_open and v == lo):
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return v
+
+
+def check_count(name: str, value, lo: int = 0, optional: bool = False) -> Optional[int]:
+    """`value` as an int >= lo (numpy ints accepted, bools and floats not)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
 
 
 def as_model_loads(models: ModelsLike, slo_ttft_s: Optional[float] = None) -> List[ModelLoad]:
@@ -84,6 +121,8 @@ def generate_workload(
     seed: int = 0,
     start_s: float = 0.0,
     slo_ttft_s: Optional[float] = None,
+    request_limit: int = MAX_GENERATED_REQUESTS,
+    prefixes: Optional[PrefixSharing] = None,
 ) -> List[WorkloadRequest]:
     """Generate a multi-model workload, sorted by arrival time.
 
@@ -94,13 +133,27 @@ def generate_workload(
     lengths: None (ShareGPT-like), "sharegpt", "lmsys", "fixed:P,O", (P, O), a
       RequestLengths; a ModelLoad's own `lengths` overrides it for that model.
     slo_ttft_s: default TTFT SLO for models that have none.
+    prefixes: shared system prompts / multi-turn sessions (`PrefixSharing`); the sampled
+      prompt length is then the request's own part (system prompts add to it). Drawn from
+      a separate seed stream, so arrivals and lengths do not move.
+    request_limit: refuse (ValueError) when the expected number of requests (sum of rates x
+      duration_s, or num_requests) exceeds it, before anything is allocated.
     """
     if (duration_s is None) == (num_requests is None):
         raise ValueError("give exactly one of duration_s or num_requests")
-    if num_requests is not None and num_requests < 0:
-        raise ValueError(f"num_requests must be >= 0, got {num_requests}")
+    duration_s = check_number("duration_s", duration_s, 0.0, optional=True)
+    num_requests = check_count("num_requests", num_requests, optional=True)
+    start_s = check_number("start_s", start_s)
+    check_count("request_limit", request_limit)
     check_process(arrival, cv)
     loads = as_model_loads(models, slo_ttft_s)
+    expected = num_requests if num_requests is not None else sum(m.rate for m in loads) * duration_s
+    if not expected <= request_limit:  # also catches inf
+        raise ValueError(
+            f"the workload would hold about {expected:.3g} requests "
+            + ("(num_requests)" if num_requests is not None else
+               f"(rates summing to {sum(m.rate for m in loads):.3g} req/s x duration_s={duration_s:g})")
+            + f", more than request_limit={request_limit}")
     if num_requests is not None and num_requests > 0 and not any(m.rate > 0 for m in loads):
         raise ValueError("num_requests > 0 needs at least one model with a positive rate")
     default_lengths = as_lengths(lengths)
@@ -136,6 +189,18 @@ def generate_workload(
         prompt[idx] = lens.prompt.sample(np.random.default_rng(p_seed), idx.size)
         output[idx] = lens.output.sample(np.random.default_rng(o_seed), idx.size)
 
+    prefix: List[Segments] = [()] * len(order)
+    if prefixes is not None:
+        for i, m in enumerate(loads):
+            idx = np.nonzero(kept_m == i)[0]
+            if idx.size == 0:
+                continue
+            rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(len(loads))[i].spawn(4)[3])
+            lens, segs = assign_prefixes([m.name] * idx.size, prompt[idx], output[idx], prefixes, rng)
+            prompt[idx] = lens
+            for j, sg in zip(idx, segs):
+                prefix[j] = sg
+
     return [
         WorkloadRequest(
             request_id=j,
@@ -144,6 +209,7 @@ def generate_workload(
             prompt_len=int(prompt[j]),
             output_len=int(output[j]),
             slo_ttft_s=loads[int(kept_m[j])].slo_ttft_s,
+            prefix=prefix[j],
         )
         for j in range(len(order))
     ]

@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from fineserve_jax.workload.spec import ModelLoad, WorkloadRequest
+from fineserve_jax.workload.spec import ModelLoad, WorkloadRequest, check_count, check_number
 
 REQUIRED_COLUMNS = ("timestamp", "contexttokens", "generatedtokens")
 
@@ -77,14 +77,16 @@ class Trace:
     ) -> "Trace":
         """Requests with start_s <= t < start_s + duration_s, at most the first max_requests.
 
-        Times stay in trace seconds (not rebased)."""
+        Times stay in trace seconds (not rebased). A NaN or infinite bound is an error (NaN
+        would silently select the whole trace); use None for "no limit"."""
+        start_s = check_number("start_s", start_s)
+        duration_s = check_number("duration_s", duration_s, 0.0, optional=True)
+        max_requests = check_count("max_requests", max_requests, optional=True)
         t = self.times_s
         lo = int(np.searchsorted(t, start_s, side="left"))
         hi = len(self) if duration_s is None else int(np.searchsorted(t, start_s + duration_s, side="left"))
         if max_requests is not None:
-            if max_requests < 0:
-                raise ValueError(f"max_requests must be >= 0, got {max_requests}")
-            hi = min(hi, lo + int(max_requests))
+            hi = min(hi, lo + max_requests)
         sl = slice(lo, max(lo, hi))
         return Trace(self.path, t[sl], self.prompt_lens[sl], self.output_lens[sl],
                      self.line_numbers[sl], self.first_timestamp)
@@ -303,21 +305,22 @@ def replay_trace(
     lengths: prompt/output clipped to max_prompt_len / max_output_len when given; an output
       length of 0 becomes 1.
     """
-    if not isinstance(trace, Trace):
-        trace = load_azure_trace(trace)
     if time_scale is not None and target_rate is not None:
         raise ValueError("give at most one of time_scale or target_rate")
+    offset_s = check_number("offset_s", offset_s)
+    max_prompt_len = check_count("max_prompt_len", max_prompt_len, 1, optional=True)
+    max_output_len = check_count("max_output_len", max_output_len, 1, optional=True)
+    # (the window's start_s / duration_s / max_requests are checked by Trace.window)
+    if not isinstance(trace, Trace):
+        trace = load_azure_trace(trace)
     names, probs, slos = _model_weights(models)
     win = trace.window(start_s, duration_s, max_requests)
     n = len(win)
     factor = 1.0
     if time_scale is not None:
-        if not (time_scale > 0 and math.isfinite(time_scale)):
-            raise ValueError(f"time_scale must be positive, got {time_scale!r}")
-        factor = float(time_scale)
+        factor = check_number("time_scale", time_scale, 0.0, lo_open=True)
     elif target_rate is not None:
-        if not (target_rate > 0 and math.isfinite(target_rate)):
-            raise ValueError(f"target_rate must be positive, got {target_rate!r}")
+        check_number("target_rate", target_rate, 0.0, lo_open=True)
         if duration_s is not None:
             rate = n / duration_s if duration_s > 0 else float("nan")
         else:

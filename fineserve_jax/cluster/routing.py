@@ -1,28 +1,46 @@
-"""Routing requests to the devices of a placement plan. Pure Python.
+"""Routing requests to the devices of a placement plan: the one router of the simulator and of
+real nodes and clusters (`cluster.node`, `cluster.ray_cluster`), so simulated and real
+clusters route alike. Pure Python.
 
 A model on one device: every request goes there. A replicated model: each request goes to the
-copy with the least outstanding work, decided in one pass before the devices are simulated
-(so the devices stay independent and can be simulated separately). Outstanding work of a copy
-= the requests routed to it that are predicted to be still in flight at the arrival time,
-each weighted by the copy's predicted decode round (the TPOT estimate of its device,
-`load_estimate.estimate_device`): a request is predicted to finish at arrival + prefill +
-output_len x TPOT. Ties go to the copy that has received the fewest requests, then the lowest
-device id, so equal copies alternate.
+copy with the least outstanding work, decided in one pass before the devices run (so the
+devices stay independent: simulated separately, or served by engines that never wait for each
+other). Outstanding work of a copy = the requests routed to it that are predicted to be still
+in flight at the arrival time, each weighted by the copy's predicted decode round (the TPOT
+estimate of its device, `load_estimate.estimate_device`): a request is predicted to finish at
+arrival + prefill + output_len x TPOT. Ties go to the copy that has received the fewest
+requests, then the lowest device id, so equal copies alternate.
+
+A request is anything with `request_id`, `model`, `arrival_s`, `prompt_len` and `output_len`
+(a workload's `WorkloadRequest`, or a `RouteItem` made from an engine request).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple, TypeVar
 
 from fineserve_jax.scheduler.footprint import footprint
 from fineserve_jax.scheduler.load_estimate import estimate_device, profile_model
 from fineserve_jax.scheduler.plan import PlacementPlan
-from fineserve_jax.workload.spec import WorkloadRequest
+
+R = TypeVar("R")
 
 
-def mean_lengths(requests: Sequence[WorkloadRequest]) -> Dict[str, Tuple[float, float]]:
+@dataclasses.dataclass(frozen=True)
+class RouteItem:
+    """What the router reads of a request."""
+
+    request_id: int
+    model: str
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+
+
+def mean_lengths(requests: Sequence) -> Dict[str, Tuple[float, float]]:
     """model -> (mean prompt, mean output) tokens of its requests."""
     acc: Dict[str, List[float]] = {}
     for r in requests:
@@ -49,16 +67,16 @@ def device_tpot(plan: PlacementPlan, cost, lengths: Mapping[str, Tuple[float, fl
     return out
 
 
-def route(requests: Sequence[WorkloadRequest], plan: PlacementPlan, cost
-          ) -> Tuple[Dict[int, List[WorkloadRequest]], List[WorkloadRequest]]:
+def route(requests: Sequence[R], plan: PlacementPlan, cost
+          ) -> Tuple[Dict[int, List[R]], List[R]]:
     """Split `requests` over the plan's devices.
 
     Returns ({device id: its requests in arrival order}, requests for models the plan does not
     place).
     """
     inst = plan.instances()
-    per_dev: Dict[int, List[WorkloadRequest]] = {d.id: [] for d in plan.devices}
-    unplaced: List[WorkloadRequest] = []
+    per_dev: Dict[int, List[R]] = {d.id: [] for d in plan.devices}
+    unplaced: List[R] = []
     replicated = {n for n, v in inst.items() if len(v) > 1}
     tau = device_tpot(plan, cost, mean_lengths(requests)) if replicated else {}
     # Per replicated model and copy: heap of predicted finish times, routed count.
@@ -88,3 +106,25 @@ def route(requests: Sequence[WorkloadRequest], plan: PlacementPlan, cost
         routed[k] = routed.get(k, 0) + 1
         per_dev[best.id].append(r)
     return per_dev, unplaced
+
+
+def prompt_len(req) -> int:
+    """Tokens of an engine request's prompt for routing (text prompts: their UTF-8 bytes, a
+    byte tokenizer's count and an upper bound for subword tokenizers)."""
+    p = req.prompt
+    return len(p.encode("utf-8")) if isinstance(p, str) else len(p)
+
+
+def route_requests(requests: Sequence[R], plan: PlacementPlan, cost
+                   ) -> Tuple[Dict[int, List[R]], List[R]]:
+    """`route` for engine requests (`core.request.Request`, ids unique): prompt length from the
+    prompt, output length = `sampling.max_tokens`. Same result as `route` on the workload
+    requests they were made from."""
+    by_id = {r.request_id: r for r in requests}
+    if len(by_id) != len(requests) or None in by_id:
+        raise ValueError("route_requests needs unique request ids")
+    items = [RouteItem(r.request_id, r.model, r.arrival_s, prompt_len(r), r.sampling.max_tokens)
+             for r in requests]
+    per, unplaced = route(items, plan, cost)
+    return ({d: [by_id[i.request_id] for i in v] for d, v in per.items()},
+            [by_id[i.request_id] for i in unplaced])
