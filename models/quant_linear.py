@@ -16,13 +16,21 @@ Formats (kernel [in, out]; G = in / group groups along the input dim):
                             group_scale uint8 [G, out], weight_zero uint8 [G, out]
 
 plus, on every layer, `bias` [out] in the model dtype (when the float layer has one) and,
-for AWQ-calibrated layers, `act_scale` f32 [in]: the weights were quantized as
-`W' = W * act_scale[:, None]` and the layer divides its input by `act_scale` at runtime,
-so `(x / s) @ Q(W * s) ~= x @ W` with the salient input channels quantized more finely.
+for AWQ-calibrated layers whose scale could not be folded into the model, `act_scale` f32
+[in]: the weights were quantized as `W' = W * act_scale[:, None]` and the layer divides its
+input by `act_scale` at runtime, so `(x / s) @ Q(W * s) ~= x @ W` with the salient input
+channels quantized more finely. Folded AWQ scales (`in_scale`/`out_scale` at construction,
+see `fineserve_jax.quant.awq`) shape the quantized weights but are not stored.
 Non-trainable metadata (`in_features`, `out_features`, `group_size`) are plain attributes.
 
 Activation quantization (W8A8, W4A8) is dynamic and per token (one float32 scale per row
 of x, `scale = max|x_row| / qmax`), so an outlier token cannot spoil its neighbours.
+
+Batch invariance: a row of y depends on that row of x only, bit for bit, whatever the other
+rows of the call (other requests, padding) are and however many there are. Scales are per
+row, and GEMMs that accumulate in float run in row blocks of one fixed shape
+(`row_blocked_matmul`), because XLA's float summation order depends on the GEMM's row
+count; the W4A8 GEMM accumulates in int32, which is exact in any order.
 
 Arithmetic conventions (the tests re-implement them in float64 numpy):
   symmetric  q = clip(round(v * (1 / scale)), -qmax, qmax),
@@ -53,6 +61,7 @@ same results up to accumulation order.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -151,9 +160,50 @@ def expand_groups(a: jax.Array, group: int) -> jax.Array:
 
 
 def _matmul(x: jax.Array, w: jax.Array, acc_dtype) -> jax.Array:
-    """x [..., in] @ w [in, out] -> [..., out] accumulated in `acc_dtype`."""
+    """x [..., in] @ w [in, out] -> [..., out] accumulated in `acc_dtype` (one GEMM)."""
     dims = (((x.ndim - 1,), (0,)), ((), ()))
     return jax.lax.dot_general(x, w, dims, preferred_element_type=acc_dtype)
+
+
+# Rows per GEMM of `row_blocked_matmul`, per backend. CPU: 16 (a small block keeps the
+# padding of a batch-1 decode cheap; one block covers a typical decode batch). Its cost
+# through the engine (SmolLM2-135M, int8 preset, float32, 2-core CPU): a whole decode step
+# takes 1.4x as long as with one plain GEMM per projection at batch 1 (100 vs 71 ms) and as
+# long at batch 32 (191 vs 201 ms, within noise); WORKSPACE_NOTES.md. Other
+# backends: 256 rows, not measured (a GPU GEMM of 256 rows is already compute-efficient;
+# decode batches fit in one block).
+ROW_BLOCK = {"cpu": 16}
+DEFAULT_ROW_BLOCK = 256
+
+
+def row_block() -> int:
+    """Rows per GEMM block on the default backend (see `ROW_BLOCK`)."""
+    return ROW_BLOCK.get(jax.default_backend(), DEFAULT_ROW_BLOCK)
+
+
+def row_blocked_matmul(x: jax.Array, w: jax.Array, acc_dtype,
+                       block: Optional[int] = None) -> jax.Array:
+    """x [..., in] @ w [in, out] -> [..., out] in `acc_dtype`, `block` rows per GEMM.
+
+    Batch invariance: XLA picks a GEMM algorithm, and with it the order of the float sums,
+    from the operand shapes. On XLA CPU a row of x [M, 576] @ w [576, 1536] rounds one way
+    when M = 1, another for M in 2..32 and a third for M >= 33 (measured), so a token's
+    output depended on how many tokens shared its step; a later rounding step (fp8/int8
+    activations, the KV cache) turns those last-bit differences into different tokens.
+    Here every row goes through a GEMM of one fixed shape [block, in] x [in, out] (rows
+    padded with zeros, `lax.map` over the blocks): a row's result depends on that row only,
+    not on the number of rows, its position, or what the other rows (padding included)
+    hold. block None: `row_block()`.
+    """
+    block = row_block() if block is None else int(block)
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    lead, k = x.shape[:-1], x.shape[-1]
+    m = math.prod(lead)
+    padded = -(-m // block) * block
+    blocks = jnp.pad(x.reshape(m, k), ((0, padded - m), (0, 0))).reshape(-1, block, k)
+    y = jax.lax.map(lambda b: _matmul(b, w, acc_dtype), blocks)
+    return y.reshape(padded, w.shape[1])[:m].reshape(*lead, w.shape[1])
 
 
 # --- the layers ----------------------------------------------------------------------------
@@ -170,24 +220,51 @@ class QuantLinear(nnx.Module):
     activation_format = "?"
 
     def __init__(self, kernel: jax.Array, bias: Optional[jax.Array] = None, *,
-                 group_size: int = 128, act_scale: Optional[jax.Array] = None):
+                 group_size: int = 128, act_scale: Optional[jax.Array] = None,
+                 in_scale: Optional[jax.Array] = None, out_scale: Optional[jax.Array] = None,
+                 clip: Optional[jax.Array] = None):
         """kernel [in, out] float (any float dtype) -> quantized by RTN.
 
-        bias [out] is stored as given (the model dtype). act_scale [in] float (AWQ):
-        the kernel is quantized as `kernel * act_scale[:, None]` and inputs are divided
-        by act_scale at runtime.
+        bias [out] is stored as given (the model dtype). AWQ scales, all float:
+          act_scale [in]  stored: the kernel is quantized as `kernel * act_scale[:, None]`
+                          and inputs are divided by act_scale at runtime.
+          in_scale [in]   folded: the kernel is quantized as `kernel * in_scale[:, None]`;
+                          whatever produces x has already divided it by in_scale (an
+                          RMSNorm weight, the output columns of the previous projection).
+                          Nothing is stored.
+          out_scale [out] folded: kernel columns and bias are divided by out_scale (the
+                          layer's output comes out divided; its consumer's kernel rows
+                          carry in_scale = out_scale). Nothing is stored.
+        clip [G, out] in (0, 1] (AWQ's clipping search, grouped formats only): each input
+        group's weights of an output channel are clipped to `ratio * [min, max]` of that
+        group (after the scales) before RTN, trading the outliers' error for finer steps.
         """
         self.in_features, self.out_features = (int(d) for d in kernel.shape)
         w = jnp.asarray(kernel).astype(jnp.float32)
+
+        def scale(v, n, name):
+            v = jnp.asarray(v).astype(jnp.float32)
+            if v.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {v.shape}")
+            return v
+
         if act_scale is not None:
-            s = jnp.asarray(act_scale).astype(jnp.float32)
-            if s.shape != (self.in_features,):
-                raise ValueError(f"act_scale must have shape ({self.in_features},), got {s.shape}")
+            s = scale(act_scale, self.in_features, "act_scale")
             self.act_scale = nnx.Param(s)
             w = w * s[:, None]
         else:
             self.act_scale = None
+        if in_scale is not None:
+            w = w * scale(in_scale, self.in_features, "in_scale")[:, None]
+        if out_scale is not None:
+            inv_out = _inv(scale(out_scale, self.out_features, "out_scale"))
+            w = w * inv_out[None, :]
+            if bias is not None:
+                bias = (jnp.asarray(bias).astype(jnp.float32) * inv_out).astype(
+                    jnp.asarray(bias).dtype)
         self._configure(group_size)
+        if clip is not None:
+            w = self._clip(w, jnp.asarray(clip, jnp.float32))
         self._store(w)
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
 
@@ -200,6 +277,9 @@ class QuantLinear(nnx.Module):
 
     def _configure(self, group_size: int) -> None:
         """Hook for formats with groups (sets `self.group_size`)."""
+
+    def _clip(self, w: jax.Array, ratio: jax.Array) -> jax.Array:
+        raise ValueError(f"{type(self).__name__} has no weight groups to clip")
 
     def _store(self, w: jax.Array) -> None:
         raise NotImplementedError
@@ -231,6 +311,17 @@ class _GroupedMixin:
         """[in, out] -> [G, group, out]."""
         return w.reshape(self.in_features // self.group_size, self.group_size, self.out_features)
 
+    def _clip(self, w: jax.Array, ratio: jax.Array) -> jax.Array:
+        """w [in, out] with each (group, output channel) clipped to ratio [G, out] times its
+        [min, max]."""
+        g = self._groups(w)
+        if ratio.shape != (g.shape[0], self.out_features):
+            raise ValueError(f"clip must have shape {(g.shape[0], self.out_features)}, got "
+                             f"{ratio.shape}")
+        lo = jnp.min(g, axis=1, keepdims=True) * ratio[:, None]
+        hi = jnp.max(g, axis=1, keepdims=True) * ratio[:, None]
+        return jnp.clip(g, lo, hi).reshape(w.shape)
+
 
 class Fp8Linear(QuantLinear):
     """W8A8 fp8 (e4m3fn): per-output-channel weight scales, per-token activation scales."""
@@ -245,7 +336,7 @@ class Fp8Linear(QuantLinear):
 
     def _product(self, x, compute_dtype):
         xq, x_scale = symmetric_quantize(x, "fp8", axis=-1)
-        acc = _matmul(xq, self.weight[...], jnp.float32)
+        acc = row_blocked_matmul(xq, self.weight[...], jnp.float32)
         return acc * x_scale * self.weight_scale[...]
 
     def dequantized_weight(self):
@@ -272,7 +363,7 @@ class Int8Linear(_GroupedMixin, QuantLinear):
         # [in, out] dequantized kernel fuses into the dot's operand on GPU; a grouped
         # einsum would materialize [tokens, G, out] partial sums instead.
         w = self.dequantized_weight().astype(compute_dtype)
-        return _matmul(x.astype(compute_dtype), w, jnp.float32)
+        return row_blocked_matmul(x.astype(compute_dtype), w, jnp.float32)
 
 
 class Int4Linear(_GroupedMixin, QuantLinear):
@@ -295,7 +386,7 @@ class Int4Linear(_GroupedMixin, QuantLinear):
 
     def _product(self, x, compute_dtype):
         w = self.dequantized_weight().astype(compute_dtype)
-        return _matmul(x.astype(compute_dtype), w, jnp.float32)
+        return row_blocked_matmul(x.astype(compute_dtype), w, jnp.float32)
 
 
 class W4A8Linear(_GroupedMixin, QuantLinear):
@@ -326,6 +417,8 @@ class W4A8Linear(_GroupedMixin, QuantLinear):
 
     def _product(self, x, compute_dtype):
         xq, x_scale = symmetric_quantize(x, "int8", axis=-1)
+        # int32 accumulation is exact, so any summation order gives the same sums: one
+        # GEMM over all rows is already batch-invariant (no row blocks needed).
         acc = _matmul(xq, self.int8_weight(), jnp.int32)
         return acc.astype(jnp.float32) * x_scale * self.weight_scale[...]
 

@@ -121,7 +121,10 @@ def prefill_attention_xla(q: jax.Array, kv_view: jax.Array, block_tables: jax.Ar
     padding -> zeros) -> `[N, Hq, D]` in q's dtype. A sequence's tokens are contiguous and
     in increasing position order (the packing contract of `prefill_attention`)."""
     n = q.shape[0]
-    q_tile = max(1, min(q_tile, n))
+    # q_tile is NOT capped by n: the per-tile shapes (and with them XLA's summation order)
+    # must not depend on the prefill bucket, or a prompt's logits would depend on how many
+    # tokens shared its step (batch invariance; a small bucket pays padded rows instead).
+    q_tile = max(1, q_tile)
     q_pos = q_pos.astype(jnp.int32)
     tile_seq, row0, rows = query_tiles(q_seq.astype(jnp.int32), q_pos, block_tables.shape[0],
                                        q_tile)

@@ -153,3 +153,16 @@ def kv_swapped_arena(batch: PagedBatch, layer: int) -> jax.Array:
     k, v = batch.kv[layer]
     arena = jnp.array(batch.arena, copy=True)
     return write_tokens(arena, batch.fmt, layer, batch.block_tables, batch.lengths, v, k)
+
+
+def greedy_by_full_forward(model, prompt, n, width=128):
+    """Greedy decoding by repeated full causal forwards (`Model.logits` with the preset's KV
+    round trip): the reference the engine's greedy tokens are compared with. The sequence is
+    right-padded to a fixed width (causality makes the padding invisible) so it compiles once."""
+    ids = list(prompt)
+    for _ in range(n):
+        padded = np.zeros((1, width), np.int32)
+        padded[0, : len(ids)] = ids
+        logits = np.asarray(model.logits(padded, kv_dtype=model.preset.kv))
+        ids.append(int(np.argmax(logits[0, len(ids) - 1])))
+    return ids[len(prompt):]

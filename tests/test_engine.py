@@ -12,21 +12,10 @@ from fineserve_jax.engine.llm import LLM
 from fineserve_jax.core.request import Request
 from fineserve_jax.core.sampling_params import SamplingParams
 from fineserve_jax.scheduler.local import SchedulerConfig
+from kernel_testing import greedy_by_full_forward
 
 SMALL = Buckets(decode_sizes=(1, 4, 8), prefill_sizes=(16, 64), prefill_seqs=4)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-
-
-def greedy_by_full_forward(model, prompt, n, width=128):
-    """Greedy decoding by repeated full causal forwards. The sequence is right-padded to a
-    fixed width (causality makes the padding invisible) so the reference compiles once."""
-    ids = list(prompt)
-    for _ in range(n):
-        padded = np.zeros((1, width), np.int32)
-        padded[0, : len(ids)] = ids
-        logits = np.asarray(model.logits(padded, kv_dtype=model.preset.kv))
-        ids.append(int(np.argmax(logits[0, len(ids) - 1])))
-    return ids[len(prompt):]
 
 
 PROMPTS = [[1, 5, 9], list(range(3, 3 + 15)), list(range(10, 10 + 33)), [1] + [7] * 8]

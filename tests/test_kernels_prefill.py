@@ -116,3 +116,31 @@ def test_prefill_full_product(kv_dtype, group, t, q_tile):
     chunks = [t - 1, 2, t + 1, t]
     _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, chunks, 2, 4, q_tile, 2)
     _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, chunks, 2, 4, q_tile, 1, impl="xla")
+
+
+def _bucket_rows(q_tile_for):
+    """One sequence's 13 query rows packed alone in a 16-token bucket and in a 64-token
+    bucket (padding after it): the outputs of its rows, bit for bit, for each bucket.
+    SmolLM2's heads (9 query / 3 KV heads of 64), bf16 KV of 60 tokens."""
+    fmt = KVFormat(num_layers=1, num_kv_heads=3, head_dim=64, kv_dtype="bf16", tokens_per_block=16)
+    batch = T.make_paged_batch(fmt, [60], seed=3)
+    outs = []
+    for n in (16, 64):
+        q, q_seq, q_pos = T.prefill_queries(batch.lengths, [13], n - 13, 9, 64,
+                                            rng=np.random.default_rng(5))
+        out = prefill_attention_xla(q, batch.view, jnp.asarray(batch.block_tables), q_seq, q_pos,
+                                    fmt=fmt, layer=0, q_tile=q_tile_for(n))
+        outs.append(np.asarray(out)[:13])
+    return outs
+
+
+def test_prefill_xla_rows_do_not_depend_on_the_bucket():
+    """Batch invariance (issue 12): a prompt's attention output must not depend on how many
+    tokens share its prefill step, or quantized activations turn last-bit differences into
+    different tokens (measured on SmolLM2 fp8: 2 of 4 prompts alone != batched before)."""
+    small, large = _bucket_rows(lambda n: 32)
+    np.testing.assert_array_equal(small.view(np.uint32), large.view(np.uint32))
+    # Mutation: a query tile that shrinks with the bucket (the old `min(q_tile, n)`) changes
+    # the per-tile shapes and with them XLA's summation order.
+    small, large = _bucket_rows(lambda n: min(32, n))
+    assert np.any(small.view(np.uint32) != large.view(np.uint32))

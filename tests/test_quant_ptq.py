@@ -10,7 +10,11 @@ from fineserve_jax import checkpoint, load_model
 from fineserve_jax.formats import PRESETS, get_preset
 from fineserve_jax.quant import param_bytes, projection_layers, quantize_model, quantized_structure
 from fineserve_jax.quant import restore_quantized
-from fineserve_jax.quant.awq import collect_projection_inputs, default_calibration
+from fineserve_jax.quant.awq import collect_projection_inputs
+from fineserve_jax.quant.calibration import (calibration_ids, heldout_ids, random_token_ids,
+                                             read_text)
+from fineserve_jax.tokenizer import ByteTokenizer
+from fineserve_jax.quant.projections import SITES, layer_path
 from models import quant_linear as ql
 from models.linear import Linear
 from models.presets import REAL, TINY
@@ -66,10 +70,9 @@ def test_quantize_model_copies_and_keeps_the_rest_in_model_dtype():
     for a, b in zip(before, leaves(org)):
         np.testing.assert_array_equal(a, np.asarray(b))
     np.testing.assert_array_equal(np.asarray(q.embed_tokens[...]), np.asarray(org.embed_tokens[...]))
-    for i, layer in enumerate(q.layers):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            np.testing.assert_array_equal(np.asarray(getattr(layer, norm).weight[...]),
-                                          np.asarray(getattr(org.layers[i], norm).weight[...]))
+    for norm in ("input_layernorm", "post_attention_layernorm"):  # [num_layers, hidden]
+        np.testing.assert_array_equal(np.asarray(getattr(q.layers, norm).weight[...]),
+                                      np.asarray(getattr(org.layers, norm).weight[...]))
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(q, "fp8")
 
@@ -119,9 +122,10 @@ def test_abstract_bytes_equal_concrete_bytes():
                                      num_kv_heads=4, head_dim=64, num_layers=1)
     org = Transformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     org_bytes = param_bytes(org, True)
-    calib = default_calibration(cfg.vocab_size, 2, 16)
+    ones = {layer_path(0, site): np.ones(getattr(p, n).in_features, np.float32)
+            for site, p, n in projection_layers(org)}  # bytes do not depend on the values
     for preset in QUANTIZED:
-        q = quantize_model(org, preset, calibration=calib)
+        q = quantize_model(org, preset, act_scales=ones if get_preset(preset).awq else None)
         assert param_bytes(q) == param_bytes(quantized_structure(cfg, preset, "bfloat16"))
         assert param_bytes(q, True) / org_bytes <= MAX_LINEAR_RATIO[preset]
 
@@ -165,25 +169,56 @@ def test_bf16_hf_checkpoint_quantizes_on_load(tmp_path):
 
 # --- calibration --------------------------------------------------------------------------------
 
-def test_default_calibration_is_seeded():
-    a = default_calibration(320)
-    np.testing.assert_array_equal(a, default_calibration(320))
-    assert a.shape == (8, 64) and a.dtype == np.int32 and 0 <= a.min() and a.max() < 320
-    org = load_model("tiny-llama", dtype="float32").module
-    q1, q2 = quantize_model(org, "awq"), quantize_model(org, "awq")
+def test_default_calibration_is_the_shipped_text():
+    m = load_model("tiny-llama", dtype="float32")
+    ids = calibration_ids(None, m.tokenizer, 320)
+    text = read_text("calibration")
+    assert ids.shape == (16, 256) and ids.dtype == np.int32
+    assert m.tokenizer.decode(ids[0]) == text[:255]  # BOS + the text's first 255 bytes
+    np.testing.assert_array_equal(calibration_ids(text, m.tokenizer, 320), ids)
+    np.testing.assert_array_equal(calibration_ids([1, 2, 3], None, 320), [[1, 2, 3]])
+    q1 = quantize_model(m.module, "awq", tokenizer=m.tokenizer)
+    q2 = quantize_model(m.module, "awq", calibration=ids)  # text and its ids: the same model
     for x, y in zip(leaves(q1), leaves(q2)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    q3 = quantize_model(m.module, "awq", calibration=random_token_ids(320, 8, 64))
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(leaves(q1), leaves(q3)))
+
+
+def test_calibration_errors_name_the_problem():
+    org = load_model("tiny-llama").module
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        quantize_model(org, "awq")
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        quantize_model(org, "awq", calibration="some text")
+    with pytest.raises(ValueError, match="fewer than one row"):
+        calibration_ids("short", ByteTokenizer(), 320)
+    with pytest.raises(ValueError, match="empty"):
+        calibration_ids("  ", ByteTokenizer(), 320)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 320\)"):
+        calibration_ids([[1, 400]], None, 320)
+    with pytest.raises(ValueError, match="int token ids"):
+        calibration_ids(np.zeros((2, 3)), None, 320)
+    with pytest.raises(ValueError, match="unknown text"):
+        read_text("bible")
+    held = heldout_ids(ByteTokenizer(), 64)
+    assert held.shape[1] == 64 and held.shape[0] > 50
 
 
 def test_collected_inputs_are_the_layer_inputs():
     org = load_model("tiny-llama", dtype="float32").module
-    ids = default_calibration(320, 2, 8)
+    ids = random_token_ids(320, 2, 8)
     inputs = collect_projection_inputs(org, ids)
-    assert type(org.layers[0].self_attn.q_proj) is Linear  # taps removed
-    x0 = org.layers[0].input_layernorm(jnp.take(org.embed_tokens[...], ids, axis=0))
+    assert type(org.layers.self_attn.q_proj) is Linear  # the model is not modified
+    x0 = org.layer(0).input_layernorm(jnp.take(org.embed_tokens[...], ids, axis=0))
     np.testing.assert_allclose(inputs["layers.0.self_attn.q_proj"],
                                np.asarray(x0).reshape(-1, 64), rtol=1e-6)
     assert inputs["layers.1.mlp.down_proj"].shape == (16, 128)
+    # Layer 1's inputs are layer 1's (the residual stream after layer 0), not layer 0's again.
+    assert set(inputs) == {f"layers.{i}.{s}" for i in range(2) for s in SITES}
+    assert not np.allclose(inputs["layers.1.self_attn.q_proj"],
+                           inputs["layers.0.self_attn.q_proj"], atol=1e-3)
     with pytest.raises(ValueError, match=r"must lie in \[0, 320\)"):
         collect_projection_inputs(org, np.array([[1, 320]]))
     with pytest.raises(ValueError, match="int token ids"):

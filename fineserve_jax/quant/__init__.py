@@ -1,7 +1,8 @@
 """Quantization: weight PTQ (fp8, int8, int4 group-wise, AWQ-style scales).
 
   ptq.py        quantize_model, quantized_structure, restore_quantized, param_bytes
-  awq.py        activation-aware per-input-channel scale search (calibration)
+  awq.py        activation-aware per-input-channel scale search and where scales fold
+  calibration.py  the shipped natural texts (calibration, held-out) and `calibration=` ids
   quality.py    logit error metrics of a quantized model against its float original
   projections.py  the projection sites of a decoder (what PTQ swaps and AWQ calibrates)
 
@@ -19,7 +20,7 @@ _LAZY = {
     "param_bytes": "fineserve_jax.quant.ptq",
     "projection_layers": "fineserve_jax.quant.projections",
     "search_act_scales": "fineserve_jax.quant.awq",
-    "default_calibration": "fineserve_jax.quant.awq",
+    "calibration_ids": "fineserve_jax.quant.calibration",
     "logit_metrics": "fineserve_jax.quant.quality",
 }
 

@@ -1,27 +1,62 @@
-"""AWQ-style activation-aware scaling (Lin et al., arXiv 2306.00978), searched per layer.
+"""AWQ-style activation-aware scaling (Lin et al., arXiv 2306.00978), searched per layer and
+folded into the model.
 
-For a projection with float kernel W [in, out] and calibration inputs X [N, in]:
+Scale groups. In each decoder layer the projections that read the same input share one
+input scale s [in] (AWQ's grouping); `GROUPS` lists them with where s goes:
+
+  group     projections   their input                   s is folded into
+  attn_in   q, k, v       input_layernorm(x)            input_layernorm.weight / s
+  attn_out  o             attention output              v_proj's output columns (and bias) / s
+  mlp_in    gate, up      post_attention_layernorm(h)   post_attention_layernorm.weight / s
+  mlp_out   down          silu(gate(h)) * up(h)         up_proj's output columns / s
+
+and the group's kernels are quantized as `W * s[:, None]`, so `(x / s) @ Q(W * s) ~= x @ W`
+with the salient input channels quantized more finely, at no runtime cost. Why each fold is
+exact in real arithmetic:
+  - RMSNorm: `w * x / rms(x) / s == (w / s) * x / rms(x)`.
+  - down: its input `silu(g) * u` is linear in u, so dividing up's output column c by s[c]
+    divides down's input channel c by s[c].
+  - o: query head j's attention output is a convex combination (softmax weights summing to
+    1) of the V rows of its KV head kv(j) = j // (Hq / Hkv), so dividing V's channel
+    (kv, d) by s divides channel d of every query head of that KV head. The scale is
+    therefore *tied*: one value per (KV head, dim), repeated over the Hq / Hkv query heads
+    of the group (the search pools the channel statistics the same way). The reference AWQ
+    skips v -> o under GQA; the tie makes it valid. This fold changes what the KV cache
+    stores, which is harmless when V is stored in float (bf16 rounding is scale-free) but
+    not for an integer KV cache, whose per-row scale quantizes a V row as a whole:
+    `folds_o_into_v` folds only for presets with a bf16 KV cache; otherwise o keeps a stored
+    `act_scale` (divided at runtime, untied). (A reasoned choice; folding o into v under
+    an integer KV cache was not measured.)
+
+Search, per group: with the calibration inputs X [N, in] of the group and its float kernels
+concatenated along the output dim, W [in, sum out]:
 
   m      = mean_n |X[n, :]|                                   (per input channel, [in])
   s(a)   = max(m ** a, 1e-4);  s(a) /= sqrt(max s(a) * min s(a))   (AWQ's normalisation)
   err(a) = mean( (Q_s(a)(X) - X @ W)^2 )   where Q_s is the *deployed* quantized layer built
-           from W with act_scale s: it quantizes W * s[:, None] and divides x by s
+           from W with input scale s
   a*     = argmin over the grid a in linspace(0, 1, n_grid) (ties: the smallest a)
 
-a = 0 gives s = 1, i.e. plain round-to-nearest, so on the calibration set the chosen
-scale is never worse than RTN. Because err uses the layer exactly as served (for W4A8 it
-includes the per-token int8 activation quantization of x / s), the search also balances
-weight against activation error (SmoothQuant's trade-off) for `qoq`.
+Every format quantizes output columns independently (groups run along the input dim), so the
+concatenated layer is exactly the group's layers side by side. a = 0 gives s = 1, plain
+round-to-nearest, so on the calibration set the choice is never worse than RTN. Because err
+uses the layer as served (for W4A8 it includes the per-token int8 activation quantization of
+x / s), the search also balances weight against activation error (SmoothQuant's trade-off)
+for `qoq`. Left out from the reference: the loss is the group's own output error, not the
+whole block's (attention / MLP) output, and the scales come from mean |x| alone (no
+weight-magnitude term, AutoAWQ's `duo_scaling`).
 
-Differences from the reference AWQ implementation (stated, not hidden): scales are searched
-per projection and stored in the layer (`act_scale`) rather than shared by q/k/v (and
-gate/up) and folded into the preceding RMSNorm; the loss is the projection's own output
-error, not the whole attention block's; there is no weight-clipping search.
+Clipping (`search_clip`, AWQ's second step): after the scales, each (input group, output
+channel) of every projection but q/k is clipped to `ratio * [min, max]` with the ratio in
+`CLIP_RATIOS` that minimizes that group's share of the output MSE on the calibration inputs.
+On SmolLM2 it lowers KL to org but raises held-out perplexity (WORKSPACE_NOTES.md,
+"Quantized presets on real weights"); it is on by default, as in the reference.
 
-Calibration inputs are the inputs each projection sees in a float forward of the whole
-model over the calibration token ids (recorded by temporarily wrapping the projections).
-Scaling is an exact identity in float arithmetic, so the inputs of later layers are the
-float model's (which is what AWQ's block-by-block pass feeds them as well).
+Calibration: token ids from `calibration.calibration_ids` (by default the shipped natural
+text). The inputs are those each projection sees in a float forward of the whole model,
+run one decoder layer at a time (`Transformer.layer`) with the projections of that layer
+wrapped by a recorder. Scaling is an exact identity in float arithmetic, so the inputs of
+later layers are the float model's (which is what AWQ's block-by-block pass feeds them too).
 """
 
 from __future__ import annotations
@@ -35,15 +70,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fineserve_jax.quant.projections import projection_layers
+from fineserve_jax.formats import Preset
+from fineserve_jax.quant.projections import SITES, layer_path, projection_layers
+from models.attention import CausalAttention
 
-# Default calibration when none is given: uniform random token ids (seeded, so quantizing
-# the same checkpoint twice gives bit-identical weights). Real text is better; random ids
-# still exercise every projection with the model's own activation statistics.
-DEFAULT_CALIBRATION_SEQS = 8
-DEFAULT_CALIBRATION_LEN = 64
-DEFAULT_CALIBRATION_SEED = 0
-DEFAULT_MAX_TOKENS = 512  # rows of X per projection used by the search
+DEFAULT_MAX_TOKENS = 512  # rows of X per group used by the search
 DEFAULT_GRID = 11  # alphas 0, 0.1, ..., 1.0
 # Output columns used by the search. Every format quantizes output columns independently
 # (groups run along the input dim; per-channel scales are per column), so a column subset
@@ -53,11 +84,55 @@ DEFAULT_MAX_COLUMNS = 1024
 SCALE_MIN = 1e-4  # AWQ's clamp: a dead channel must not get a zero scale
 
 
-def default_calibration(vocab_size: int, n_seqs: int = DEFAULT_CALIBRATION_SEQS,
-                        seq_len: int = DEFAULT_CALIBRATION_LEN,
-                        seed: int = DEFAULT_CALIBRATION_SEED) -> np.ndarray:
-    """Token ids int32 [n_seqs, seq_len], uniform in [0, vocab_size), from `seed`."""
-    return np.random.default_rng(seed).integers(0, vocab_size, (n_seqs, seq_len), dtype=np.int32)
+@dataclasses.dataclass(frozen=True)
+class ScaleGroup:
+    """Projections of a decoder layer that read one input and share its scale."""
+
+    name: str
+    sites: Tuple[str, ...]  # `projections.SITES` entries; they all see the same input
+
+
+GROUPS = (
+    ScaleGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleGroup("attn_out", ("self_attn.o_proj",)),
+    ScaleGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
+    ScaleGroup("mlp_out", ("mlp.down_proj",)),
+)
+Q_SITE, K_SITE, V_SITE, O_SITE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                  "self_attn.o_proj")
+UP_SITE, DOWN_SITE = "mlp.up_proj", "mlp.down_proj"
+# AWQ's weight clipping search: shrink ratios of each (input group, output channel) range.
+CLIP_RATIOS = tuple(float(r) for r in np.round(np.linspace(1.0, 0.5, 11), 4))
+# Not clipped (as in the reference AWQ): the attention scores are sensitive to q/k outliers.
+NO_CLIP_SITES = ("self_attn.q_proj", "self_attn.k_proj")
+DEFAULT_CLIP_TOKENS = 256  # calibration rows used by the clipping search
+# SmoothAttention's migration strength (QServe's 0.5; not swept here). On SmolLM2 with the
+# int4 KV cache, key smoothing alone lowers qoq-RTN's perplexity ratio from 1.52 to 1.45.
+KEY_SMOOTH_ALPHA = 0.5
+
+
+def folds_o_into_v(preset: Preset) -> bool:
+    """Whether o_proj's scale is folded into v_proj (a bf16 KV cache) or stored."""
+    return preset.kv == "bf16"
+
+
+def smooths_keys(preset: Preset) -> bool:
+    """Whether keys are smoothed (SmoothAttention): AWQ-calibrated presets whose KV cache is
+    quantized."""
+    return preset.awq and preset.kv != "bf16"
+
+
+def stored_scale_sites(preset: Preset, fold_scales: bool = True) -> Tuple[str, ...]:
+    """The projection sites whose layers store an `act_scale` (divided at runtime).
+
+    None for RTN presets; every site with `fold_scales=False` (the unfolded form, kept as
+    the reference the folding is tested against); otherwise only o_proj, and only when the
+    KV cache is quantized (see `folds_o_into_v`)."""
+    if not preset.awq:
+        return ()
+    if not fold_scales:
+        return SITES
+    return () if folds_o_into_v(preset) else (O_SITE,)
 
 
 class _Tap(nnx.Module):
@@ -73,11 +148,13 @@ class _Tap(nnx.Module):
 
 
 def collect_projection_inputs(module, calibration: np.ndarray,
-                              max_tokens: int = DEFAULT_MAX_TOKENS) -> Dict[str, np.ndarray]:
-    """Inputs of every projection over a float forward: path -> float32 [N, in].
+                              max_tokens: int = DEFAULT_MAX_TOKENS,
+                              skip_first: int = 0) -> Dict[str, np.ndarray]:
+    """Inputs of every projection over a float forward: per-layer path -> float32 [N, in].
 
     calibration: int token ids [n_seqs, seq_len]. N = min(n_seqs * seq_len, max_tokens)
-    rows, evenly spaced over all tokens (deterministic). The module is restored afterwards.
+    rows, evenly spaced over all tokens (deterministic). Paths are `layers.{i}.<site>`
+    (`projections.layer_path`). The module is not modified.
     """
     calibration = np.asarray(calibration)
     if calibration.ndim != 2 or not np.issubdtype(calibration.dtype, np.integer):
@@ -86,8 +163,14 @@ def collect_projection_inputs(module, calibration: np.ndarray,
     vocab = module.config.vocab_size
     if calibration.size == 0 or calibration.min() < 0 or calibration.max() >= vocab:
         raise ValueError(f"calibration token ids must lie in [0, {vocab})")
-    n = calibration.size
-    rows = np.unique(np.linspace(0, n - 1, min(n, max_tokens)).round().astype(np.int64))
+    b, t = calibration.shape
+    # Rows sampled evenly over all tokens but the first `skip_first` of each sequence.
+    eligible = (np.arange(b)[:, None] * t + np.arange(skip_first, t)[None, :]).reshape(-1)
+    if eligible.size == 0:
+        raise ValueError(f"calibration sequences of {t} tokens have none past the first "
+                         f"{skip_first}")
+    n = eligible.size
+    rows = eligible[np.unique(np.linspace(0, n - 1, min(n, max_tokens)).round().astype(np.int64))]
     inputs: Dict[str, np.ndarray] = {}
 
     def recorder(path):
@@ -96,15 +179,15 @@ def collect_projection_inputs(module, calibration: np.ndarray,
             inputs[path] = x[rows]
         return record
 
-    sites = list(projection_layers(module))
-    originals = [getattr(parent, name) for _, parent, name in sites]
-    try:
-        for (path, parent, name), layer in zip(sites, originals):
-            setattr(parent, name, _Tap(layer, recorder(path)))
-        module.full_forward(jnp.asarray(calibration, jnp.int32))
-    finally:
-        for (_, parent, name), layer in zip(sites, originals):
-            setattr(parent, name, layer)
+    ids = jnp.asarray(calibration, jnp.int32)
+    x = module.embed(ids)
+    rope = module.rope(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+    attention = CausalAttention()
+    for i in range(module.config.num_layers):
+        layer = module.layer(i)  # a copy: wrapping its projections leaves the model alone
+        for site, parent, name in projection_layers(layer):
+            setattr(parent, name, _Tap(getattr(parent, name), recorder(layer_path(i, site))))
+        x, _ = layer(x, rope, jnp.int32(i), attention, None)
     return inputs
 
 
@@ -114,6 +197,29 @@ def candidate_scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
     return (s / np.sqrt(s.max() * s.min())).astype(np.float32)
 
 
+def tie_heads(mean_abs: np.ndarray, num_heads: int, num_kv_heads: int) -> np.ndarray:
+    """Per-channel statistics of an attention output [Hq * D] pooled over the query heads of
+    each KV head and repeated back: [Hq * D], equal across a KV head's query heads."""
+    group = num_heads // num_kv_heads
+    m = mean_abs.reshape(num_kv_heads, group, -1).mean(axis=1, keepdims=True)
+    return np.repeat(m, group, axis=1).reshape(-1)
+
+
+def key_smoothing_scales(k: np.ndarray, num_kv_heads: int, head_dim: int,
+                         alpha: float = KEY_SMOOTH_ALPHA) -> np.ndarray:
+    """SmoothAttention scales lambda float32 [Hkv * D] from calibration keys k [N, Hkv * D]
+    (before RoPE): per KV head and rotary pair (i, i + D/2), lambda = (max over tokens of
+    the pair's norm) ** alpha, the same for both channels of the pair. RoPE rotates each
+    pair by an angle, which keeps its norm and commutes with scaling both channels alike, so
+    `(q * lambda) . (k / lambda)` equals `q . k` after RoPE too."""
+    half = head_dim // 2
+    kk = np.asarray(k, np.float64).reshape(-1, num_kv_heads, 2, half)
+    pair_max = np.sqrt(np.square(kk).sum(axis=2)).max(axis=0)  # [Hkv, D/2]
+    lam = np.power(np.maximum(pair_max, SCALE_MIN), alpha)
+    lam = lam / np.sqrt(lam.max() * lam.min())
+    return np.concatenate([lam, lam], axis=-1).reshape(-1).astype(np.float32)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _output_mse(layer_cls, group_size, kernel, x, act_scale, target):
     """Mean squared error of the quantized layer's output against the float target."""
@@ -121,14 +227,48 @@ def _output_mse(layer_cls, group_size, kernel, x, act_scale, target):
     return jnp.mean(jnp.square(y.astype(jnp.float32) - target))
 
 
-def search_act_scale(kernel: jax.Array, x: np.ndarray, layer_cls, group_size: int,
-                     n_grid: int = DEFAULT_GRID, max_columns: Optional[int] = DEFAULT_MAX_COLUMNS
-                     ) -> Tuple[np.ndarray, float, float, float]:
-    """Grid-search alpha for one projection.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _group_errors(layer_cls, group_size, w, x, ratio):
+    """Output MSE per (input group, output channel) of `w` [in, out] quantized with every
+    group clipped at `ratio`, on inputs x [N, in]: [G, out] (cross-group terms ignored)."""
+    g = w.shape[0] // group_size
+    layer = layer_cls(w, None, group_size=group_size,
+                      clip=jnp.full((g, w.shape[1]), ratio, jnp.float32))
+    delta = (layer.dequantized_weight() - w).reshape(g, group_size, -1)
+    part = jnp.einsum("ngk,gko->ngo", x.reshape(x.shape[0], g, group_size), delta,
+                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.mean(jnp.square(part), axis=0)
 
-    kernel [in, out] (model dtype), x float32 [N, in] calibration inputs. Returns
-    (act_scale float32 [in], alpha, rtn_mse, best_mse) on the calibration rows (and on
-    `max_columns` evenly spaced output columns when out is wider; None: all columns).
+
+def search_clip(kernel: jax.Array, x: np.ndarray, layer_cls, group_size: int,
+                scale: Optional[np.ndarray] = None, ratios=CLIP_RATIOS) -> np.ndarray:
+    """AWQ's clipping search for one projection: the ratio in `ratios` [G, out] that
+    minimizes each (input group, output channel)'s output MSE on the calibration inputs.
+
+    kernel [in, out]; x float32 [N, in] the projection's float inputs; scale [in]: its AWQ
+    input scale (the search runs on `kernel * scale` and `x / scale`, as quantized)."""
+    from models.quant_linear import effective_group_size
+
+    w = jnp.asarray(kernel, jnp.float32)
+    xs = jnp.asarray(x, jnp.float32)
+    if scale is not None:
+        s = jnp.asarray(scale, jnp.float32)
+        w, xs = w * s[:, None], xs * (1.0 / s)
+    gs = effective_group_size(w.shape[0], group_size)
+    errs = np.stack([np.asarray(_group_errors(layer_cls, gs, w, xs, float(r))) for r in ratios])
+    return np.asarray(ratios, np.float32)[np.argmin(errs, axis=0)]
+
+
+def search_act_scale(kernel: jax.Array, x: np.ndarray, layer_cls, group_size: int,
+                     n_grid: int = DEFAULT_GRID, max_columns: Optional[int] = DEFAULT_MAX_COLUMNS,
+                     mean_abs: Optional[np.ndarray] = None
+                     ) -> Tuple[np.ndarray, float, float, float]:
+    """Grid-search alpha for one projection (or a group's kernels side by side).
+
+    kernel [in, out] (model dtype), x float32 [N, in] calibration inputs; mean_abs [in]: the
+    channel statistics to build scales from (default: mean |x|; `tie_heads` for o_proj).
+    Returns (act_scale float32 [in], alpha, rtn_mse, best_mse) on the calibration rows (and
+    on `max_columns` evenly spaced output columns when out is wider; None: all columns).
     """
     out = kernel.shape[1]
     if max_columns is not None and out > max_columns:
@@ -136,7 +276,8 @@ def search_act_scale(kernel: jax.Array, x: np.ndarray, layer_cls, group_size: in
     x32 = jnp.asarray(x, jnp.float32)
     target = jnp.dot(x32, jnp.asarray(kernel, jnp.float32), precision=jax.lax.Precision.HIGHEST)
     x_in = x32.astype(kernel.dtype)  # what the layer sees when served
-    mean_abs = np.abs(x).mean(axis=0)
+    if mean_abs is None:
+        mean_abs = np.abs(x).mean(axis=0)
     best = None
     rtn = None
     for alpha in np.linspace(0.0, 1.0, n_grid):
@@ -151,33 +292,70 @@ def search_act_scale(kernel: jax.Array, x: np.ndarray, layer_cls, group_size: in
 
 @dataclasses.dataclass
 class AwqResult:
-    """Per projection path (`layers.N.self_attn.q_proj`, ...): the chosen scale [in] f32,
-    its alpha, and the calibration output MSE of plain RTN (alpha = 0) and of the choice."""
+    """Per projection path (`layers.N.self_attn.q_proj`, ...): the chosen scale [in] f32, its
+    alpha, and the calibration output MSE of plain RTN (alpha = 0) and of the choice. The
+    projections of a scale group carry their group's values (the same scale array).
+    key_scales: SmoothAttention's lambda [Hkv * D] per k_proj path (`smooth_keys`), else
+    empty. clips: the clipping ratios [G, out] per path (`clip`; not for NO_CLIP_SITES)."""
 
     scales: Dict[str, np.ndarray]
     alphas: Dict[str, float]
     rtn_mse: Dict[str, float]
     awq_mse: Dict[str, float]
+    key_scales: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    clips: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
-def search_act_scales(module, layer_cls, group_size: int,
-                      calibration: Optional[np.ndarray] = None, *,
-                      n_grid: int = DEFAULT_GRID,
-                      max_tokens: int = DEFAULT_MAX_TOKENS,
+def search_act_scales(module, layer_cls, group_size: int, calibration: np.ndarray, *,
+                      tie_o_heads: bool = True, smooth_keys: bool = False,
+                      key_alpha: float = KEY_SMOOTH_ALPHA, clip: bool = False,
+                      clip_tokens: int = DEFAULT_CLIP_TOKENS, n_grid: int = DEFAULT_GRID,
+                      max_tokens: int = DEFAULT_MAX_TOKENS, skip_first: int = 0,
                       max_columns: Optional[int] = DEFAULT_MAX_COLUMNS) -> AwqResult:
-    """AWQ scales for every projection of a float `Transformer` (left unchanged).
+    """AWQ scales for every scale group of every layer of a float `Transformer` (unchanged).
 
-    calibration: int token ids [n_seqs, seq_len]; None -> `default_calibration(vocab)`.
+    calibration: int token ids [n_seqs, seq_len] (`calibration.calibration_ids`).
     layer_cls: the quantized layer the scales are searched for (e.g. `Int4Linear`).
+    tie_o_heads: o_proj's scale tied across the query heads of each KV head (required to
+    fold it into v_proj; see the module docstring). smooth_keys: also SmoothAttention's key
+    scales (`key_smoothing_scales` with `key_alpha`) from the float keys of the calibration.
+    clip: also the clipping ratios (`search_clip`, on `clip_tokens` of the rows).
     """
-    if calibration is None:
-        calibration = default_calibration(module.config.vocab_size)
-    inputs = collect_projection_inputs(module, calibration, max_tokens)
+    cfg = module.config
+    inputs = collect_projection_inputs(module, calibration, max_tokens, skip_first)
+    kernels = {site: getattr(parent, name).kernel[...]  # [num_layers, in, out]
+               for site, parent, name in projection_layers(module)}
     res = AwqResult({}, {}, {}, {})
-    for path, parent, name in projection_layers(module):
-        kernel = getattr(parent, name).kernel[...]
-        s, alpha, rtn, best = search_act_scale(kernel, inputs[path], layer_cls, group_size,
-                                               n_grid, max_columns)
-        res.scales[path], res.alphas[path] = s, alpha
-        res.rtn_mse[path], res.awq_mse[path] = rtn, best
+    for group in GROUPS:
+        for i in range(cfg.num_layers):
+            x = inputs[layer_path(i, group.sites[0])]
+            kernel = jnp.concatenate([kernels[s][i] for s in group.sites], axis=1)
+            mean_abs = np.abs(x).mean(axis=0)
+            if group.sites == (O_SITE,) and tie_o_heads:
+                mean_abs = tie_heads(mean_abs, cfg.num_heads, cfg.num_kv_heads)
+            s, alpha, rtn, best = search_act_scale(kernel, x, layer_cls, group_size, n_grid,
+                                                   max_columns, mean_abs)
+            for site in group.sites:
+                path = layer_path(i, site)
+                res.scales[path], res.alphas[path] = s, alpha
+                res.rtn_mse[path], res.awq_mse[path] = rtn, best
+    if clip:
+        for site in SITES:
+            if site in NO_CLIP_SITES:
+                continue
+            for i in range(cfg.num_layers):
+                path = layer_path(i, site)
+                x = inputs[path]
+                x = x[np.unique(np.linspace(0, len(x) - 1, min(len(x), clip_tokens)).round()
+                                .astype(np.int64))]
+                res.clips[path] = search_clip(kernels[site][i], x, layer_cls, group_size,
+                                              res.scales[path])
+    if smooth_keys:
+        k_proj = module.layers.self_attn.k_proj
+        for i in range(cfg.num_layers):
+            k = inputs[layer_path(i, K_SITE)] @ np.asarray(k_proj.kernel[i], np.float32)
+            if k_proj.bias is not None:
+                k = k + np.asarray(k_proj.bias[i], np.float32)
+            res.key_scales[layer_path(i, K_SITE)] = key_smoothing_scales(
+                k, cfg.num_kv_heads, cfg.head_dim, key_alpha)
     return res

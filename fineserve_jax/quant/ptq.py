@@ -2,7 +2,8 @@
 
 `quantize_model` replaces every projection `Linear` (q/k/v/o_proj, gate/up/down_proj) with
 the preset's quantized layer from `models/quant_linear.py` (round-to-nearest, plus
-AWQ-style scales for presets with `awq=True`). Embeddings, RMSNorm weights and `lm_head`
+AWQ-style scales for presets with `awq=True`, folded into the RMSNorm weights and the
+preceding projections: `awq` module docstring). Embeddings, RMSNorm weights and `lm_head`
 stay in the model dtype: they are a small part of a large model's weights (lm_head is
 ~7% of Llama-3.1-8B) and the most sensitive to quantization; the paper's presets
 (AWQ, QoQ, fp8 W8A8) keep them in 16 bits as well. The model code is unchanged; only the
@@ -15,7 +16,7 @@ Quantized models save with `checkpoint.save_params` and restore into
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,60 +24,176 @@ import numpy as np
 from flax import nnx
 
 from fineserve_jax.formats import Preset, get_preset
-from fineserve_jax.quant.projections import PROJECTIONS, projection_layers
+from fineserve_jax.quant.awq import (GROUPS, K_SITE, O_SITE, Q_SITE, UP_SITE, V_SITE,
+                                     folds_o_into_v, smooths_keys, stored_scale_sites)
+from fineserve_jax.quant.projections import PROJECTIONS, SITES, layer_path, projection_layers
 from models.config import ModelConfig
 from models.linear import Linear
 from models.quant_linear import QuantLinear, layer_class
+from models.stacking import stack_modules
 from models.transformer import Transformer
 
 
+def _stacked(act_scales: Mapping[str, np.ndarray], site: str, num_layers: int,
+             width: int) -> np.ndarray:
+    """act_scales[layers.{i}.<site>] for every layer, float32 [num_layers, width]."""
+    rows = []
+    for i in range(num_layers):
+        path = layer_path(i, site)
+        if path not in act_scales:
+            raise ValueError(f"act_scales has no scale for {path}")
+        v = np.asarray(act_scales[path], np.float32)
+        if v.shape != (width,):
+            raise ValueError(f"act_scales[{path!r}] must have shape ({width},), got {v.shape}")
+        rows.append(v)
+    return np.stack(rows)
+
+
+def _awq_plan(module: Transformer, preset: Preset, act_scales: Mapping[str, np.ndarray],
+              fold_scales: bool, key_scales: Optional[Mapping[str, np.ndarray]] = None,
+              clips: Optional[Mapping[str, np.ndarray]] = None):
+    """Where each AWQ scale goes (`awq` module docstring): returns
+    (per site: {"act_scale" | "in_scale" | "out_scale": float32 [num_layers, n]},
+     per RMSNorm attribute of the layer: the divisor of its weight, float32 [num_layers, d])."""
+    cfg = module.config
+    widths = {site: getattr(parent, name).in_features
+              for site, parent, name in projection_layers(module)}
+    scales = {site: _stacked(act_scales, site, cfg.num_layers, widths[site]) for site in SITES}
+    stored = stored_scale_sites(preset, fold_scales)
+    plan: Dict[str, Dict[str, np.ndarray]] = {site: {} for site in SITES}
+    norms: Dict[str, np.ndarray] = {}
+    for site in stored:
+        plan[site]["act_scale"] = scales[site]
+    for group in GROUPS:
+        if group.sites[0] in stored:
+            continue
+        s = scales[group.sites[0]]
+        for site in group.sites[1:]:
+            if not np.array_equal(scales[site], s):
+                raise ValueError(
+                    f"AWQ scales of {', '.join(group.sites)} differ; they read one input, so "
+                    f"folding needs one scale per group (awq.GROUPS): pass equal scales, or "
+                    f"fold_scales=False to store each projection's own")
+        for site in group.sites:
+            plan[site]["in_scale"] = s
+        if group.name == "attn_in":
+            norms["input_layernorm"] = s
+        elif group.name == "mlp_in":
+            norms["post_attention_layernorm"] = s
+        elif group.name == "mlp_out":
+            plan[UP_SITE]["out_scale"] = s
+        else:  # attn_out -> v_proj's columns: one scale per (KV head, dim)
+            g = cfg.num_heads // cfg.num_kv_heads
+            per_head = s.reshape(cfg.num_layers, cfg.num_kv_heads, g, cfg.head_dim)
+            if not np.array_equal(per_head, np.broadcast_to(per_head[:, :, :1], per_head.shape)):
+                raise ValueError(
+                    f"{O_SITE}'s AWQ scale differs between query heads of one KV head; folding "
+                    f"it into {V_SITE} needs it tied (awq.tie_heads), or fold_scales=False")
+            plan[V_SITE]["out_scale"] = per_head[:, :, 0].reshape(cfg.num_layers, -1)
+    if key_scales:  # SmoothAttention: k_proj's columns / lambda, q_proj's columns * lambda
+        lam = _stacked(key_scales, K_SITE, cfg.num_layers, cfg.num_kv_heads * cfg.head_dim)
+        g = cfg.num_heads // cfg.num_kv_heads
+        per_q = np.repeat(lam.reshape(cfg.num_layers, cfg.num_kv_heads, 1, cfg.head_dim), g,
+                          axis=2).reshape(cfg.num_layers, -1)
+        plan[K_SITE]["out_scale"] = lam
+        plan[Q_SITE]["out_scale"] = (1.0 / per_q).astype(np.float32)
+    for site in SITES if clips else ():
+        if layer_path(0, site) in clips:
+            plan[site]["clip"] = np.stack([np.asarray(clips[layer_path(i, site)], np.float32)
+                                           for i in range(cfg.num_layers)])
+    return plan, norms
+
+
 def _swap_projections(module: Transformer, preset: Preset,
-                      act_scales: Optional[Mapping[str, jax.Array]]) -> None:
-    """In place: each projection `Linear` -> the preset's quantized layer."""
+                      plan: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """In place: each stacked projection `Linear` -> the preset's quantized layer, stacked
+    the same way (every decoder layer quantized from its own slice, with its own AWQ scales
+    `plan[site]`: act_scale / in_scale / out_scale [num_layers, n], see `QuantLinear`)."""
     cls = layer_class(preset.weights, preset.activations)
-    for path, parent, name in projection_layers(module):
+    for site, parent, name in projection_layers(module):
         lin = getattr(parent, name)
         if not isinstance(lin, Linear):
-            raise ValueError(f"{path} is already quantized ({type(lin).__name__}); quantize "
+            raise ValueError(f"{site} is already quantized ({type(lin).__name__}); quantize "
                              f"a float model")
-        s = None if act_scales is None else act_scales[path]
-        setattr(parent, name, cls.from_linear(lin, group_size=preset.group_size, act_scale=s))
+        bias = None if lin.bias is None else lin.bias[...]
+        kw = {k: jnp.asarray(v, jnp.float32) for k, v in plan.get(site, {}).items()}
+
+        def build(k, b, a, i, o, c):
+            return cls(k, b, group_size=preset.group_size, act_scale=a, in_scale=i,
+                       out_scale=o, clip=c)
+
+        xs = (lin.kernel[...], bias, kw.get("act_scale"), kw.get("in_scale"),
+              kw.get("out_scale"), kw.get("clip"))
+        setattr(parent, name, stack_modules(build, xs))
 
 
-def quantize_model(module: Transformer, preset: "Preset | str",
-                   calibration: Optional[np.ndarray] = None, *,
-                   act_scales: Optional[Mapping[str, np.ndarray]] = None) -> Transformer:
+def quantize_model(module: Transformer, preset: "Preset | str", calibration=None, *,
+                   tokenizer=None, act_scales: Optional[Mapping[str, np.ndarray]] = None,
+                   key_scales: Optional[Mapping[str, np.ndarray]] = None,
+                   clips: Optional[Mapping[str, np.ndarray]] = None,
+                   fold_scales: bool = True) -> Transformer:
     """A quantized copy of a float `Transformer` (the input module is left unchanged).
 
     preset: a `Preset` or its name (`fineserve_jax.formats.PRESETS`). Presets with bf16
     weights (`org`, KV-only presets) return `module` itself: KV quantization belongs to
     the KV arena, not to the parameters.
-    calibration: int token ids [n_seqs, seq_len] for presets with `awq=True`; None uses
-    `awq.default_calibration` (8 x 64 seeded random ids). Ignored for RTN presets.
-    act_scales: precomputed AWQ scales (path -> float32 [in], from
-    `awq.search_act_scales`) instead of a calibration pass; only for `awq=True` presets.
+    calibration (presets with `awq=True`; ignored otherwise): None (the shipped natural
+    calibration text, `quant.calibration`), a str (any text) or int token ids
+    [n_seqs, seq_len]; text is tokenized with `tokenizer` (the model's own).
+    act_scales: precomputed AWQ scales (per-layer path `layers.{i}.self_attn.q_proj` ->
+    float32 [in], e.g. `awq.search_act_scales(...).scales`) instead of a calibration pass;
+    only for `awq=True` presets.
+    key_scales: SmoothAttention's key scales with `act_scales` (k_proj path -> float32
+    [Hkv * D], `awq.search_act_scales(...).key_scales`); None: no key smoothing. Without
+    act_scales they come from the calibration pass for presets that smooth keys
+    (`awq.smooths_keys`: AWQ presets with a quantized KV cache).
+    clips: AWQ's clipping ratios with `act_scales` (path -> float32 [G, out],
+    `awq.search_act_scales(...).clips`); None: no clipping. Without act_scales they come
+    from the calibration pass.
+    fold_scales: fold the AWQ scales into the RMSNorm weights and the preceding projections
+    (`awq` module docstring; the projections of a group need equal scales); False stores
+    every projection's scale (`act_scale`, divided at runtime): the unfolded reference.
     """
     preset = get_preset(preset)
     cls = layer_class(preset.weights, preset.activations)
     if cls is None:
         return module
-    if act_scales is not None and not preset.awq:
-        raise ValueError(f"act_scales given for preset {preset.name!r}, which has awq=False")
-    if preset.awq and act_scales is None:
-        from fineserve_jax.quant.awq import search_act_scales
+    extras = key_scales is not None or clips is not None
+    if (act_scales is not None or extras) and not preset.awq:
+        raise ValueError(f"act_scales/key_scales/clips given for preset {preset.name!r}, "
+                         f"which has awq=False")
+    if extras and act_scales is None:
+        raise ValueError("key_scales and clips come with act_scales (all from "
+                         "awq.search_act_scales)")
+    plan, norms = {}, {}
+    if preset.awq:
+        if act_scales is None:
+            from fineserve_jax.quant.awq import search_act_scales
+            from fineserve_jax.quant.calibration import calibration_ids
 
-        act_scales = search_act_scales(module, cls, preset.group_size, calibration).scales
+            ids = calibration_ids(calibration, tokenizer, module.config.vocab_size)
+            res = search_act_scales(
+                module, cls, preset.group_size, ids,
+                tie_o_heads=fold_scales and folds_o_into_v(preset),
+                smooth_keys=smooths_keys(preset), clip=True)
+            act_scales, key_scales, clips = res.scales, res.key_scales, res.clips
+        plan, norms = _awq_plan(module, preset, act_scales, fold_scales, key_scales, clips)
     out = nnx.clone(module)
-    _swap_projections(out, preset, act_scales if preset.awq else None)
+    for name, s in norms.items():
+        w = getattr(out.layers, name).weight
+        inv = 1.0 / jnp.asarray(s, jnp.float32)  # multiply by the reciprocal: see QuantLinear
+        w.set_value((w[...].astype(jnp.float32) * inv).astype(w[...].dtype))
+    _swap_projections(out, preset, plan)
     return out
 
 
 def quantized_structure(cfg: ModelConfig, preset: "Preset | str",
-                        dtype="bfloat16") -> Transformer:
+                        dtype="bfloat16", fold_scales: bool = True) -> Transformer:
     """The abstract (shape/dtype only, no memory) model `quantize_model` produces.
 
     Restore target for `checkpoint.restore_params`. `dtype` is the float dtype of the
-    unquantized parameters (embeddings, norms, lm_head, biases).
+    unquantized parameters (embeddings, norms, lm_head, biases). Folded AWQ scales change
+    values, not structure; only `awq.stored_scale_sites` store an `act_scale`.
     """
     from fineserve_jax.checkpoint import parse_dtype
 
@@ -86,22 +203,24 @@ def quantized_structure(cfg: ModelConfig, preset: "Preset | str",
     def build():
         m = Transformer(cfg, dtype=dt, rngs=nnx.Rngs(0))
         if layer_class(preset.weights, preset.activations) is not None:
-            scales = None
-            if preset.awq:
-                scales = {path: jnp.ones((getattr(parent, name).in_features,), jnp.float32)
-                          for path, parent, name in projection_layers(m)}
-            _swap_projections(m, preset, scales)
+            widths = {site: getattr(parent, name).in_features
+                      for site, parent, name in projection_layers(m)}
+            plan = {site: {"act_scale": np.ones((cfg.num_layers, widths[site]), np.float32)}
+                    for site in stored_scale_sites(preset, fold_scales)}
+            _swap_projections(m, preset, plan)
         return m
 
     return nnx.eval_shape(build)
 
 
 def restore_quantized(cfg: ModelConfig, preset: "Preset | str", directory: str,
-                      dtype="bfloat16") -> Transformer:
-    """Restore a quantized model saved by `checkpoint.save_params` (no PTQ, no calibration)."""
+                      dtype="bfloat16", fold_scales: bool = True) -> Transformer:
+    """Restore a quantized model saved by `checkpoint.save_params` (no PTQ, no calibration);
+    `fold_scales` as the model was quantized with."""
     from fineserve_jax import checkpoint
 
-    return checkpoint.restore_params(quantized_structure(cfg, preset, dtype), directory)
+    return checkpoint.restore_params(quantized_structure(cfg, preset, dtype, fold_scales),
+                                     directory)
 
 
 def _nbytes(x) -> int:
@@ -112,7 +231,7 @@ def param_bytes(module: nnx.Module, projections_only: bool = False) -> int:
     """Bytes of `nnx.Param` leaves (packing, scales, zeros, act_scale and biases included).
 
     Works on concrete and abstract (`nnx.eval_shape`) modules. With `projections_only`,
-    only the q/k/v/o/gate/up/down layers are counted.
+    only the q/k/v/o/gate/up/down layers (of every decoder layer) are counted.
     """
     if not projections_only:
         return sum(_nbytes(x) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
@@ -120,5 +239,5 @@ def param_bytes(module: nnx.Module, projections_only: bool = False) -> int:
                for x in jax.tree.leaves(nnx.state(getattr(parent, name), nnx.Param)))
 
 
-__all__ = ["PROJECTIONS", "QuantLinear", "param_bytes", "projection_layers",
+__all__ = ["PROJECTIONS", "QuantLinear", "layer_path", "param_bytes", "projection_layers",
            "quantize_model", "quantized_structure", "restore_quantized"]

@@ -1,6 +1,7 @@
 """Measuring a quantized model against its float original (used by tests and experiments).
 
-`logit_metrics` defines the error figures reported in WORKSPACE_NOTES.md;
+`logit_metrics` defines the error figures reported in WORKSPACE_NOTES.md, `perplexity` the
+next-token perplexity of the quality report on real weights;
 `with_outlier_channels` builds the "calibration-like" variant of a random-weight model:
 real LLMs have a few residual channels of persistently large magnitude, which is what
 makes activation-aware scaling pay off, and random initialisations do not.
@@ -41,6 +42,17 @@ def logit_metrics(ref: np.ndarray, test: np.ndarray) -> Dict[str, float]:
     }
 
 
+def perplexity(logits: np.ndarray, token_ids: np.ndarray) -> float:
+    """exp(mean negative log-likelihood) of each row's next tokens: logits [B, T, vocab] of
+    token_ids [B, T] (position t predicts token t + 1; the last position is unused)."""
+    lg = np.asarray(logits, np.float64)[:, :-1]
+    lg = lg - lg.max(-1, keepdims=True)
+    logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+    target = np.asarray(token_ids)[:, 1:]
+    nll = -np.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+    return float(np.exp(nll.mean()))
+
+
 def jit_logits(module, token_ids) -> np.ndarray:
     """float32 logits [B, T, vocab] of a jitted full causal forward of `module`."""
     graphdef, state = nnx.split(module)
@@ -57,8 +69,7 @@ def with_outlier_channels(module, n: int = 8, gain: float = 20.0, seed: int = 2)
     channels = np.random.default_rng(seed).choice(cfg.hidden_size, n, replace=False)
     mult = np.ones(cfg.hidden_size, np.float32)
     mult[channels] = gain
-    for layer in out.layers:
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            w = norm.weight[...]
-            norm.weight.set_value((w.astype(jnp.float32) * mult).astype(w.dtype))
+    for norm in (out.layers.input_layernorm, out.layers.post_attention_layernorm):
+        w = norm.weight[...]  # [num_layers, hidden]: every layer at once
+        norm.weight.set_value((w.astype(jnp.float32) * mult).astype(w.dtype))
     return out
