@@ -124,6 +124,7 @@ def test_preemption_when_arena_is_too_small():
     assert outs[0].token_ids == ref
 
 
+@pytest.mark.slow  # the CLI as a subprocess; tests/test_generate_cli.py covers it in the default suite
 def test_generate_cli_keeps_order_and_reports_bad_lines(tmp_path):
     from fineserve_jax import generate
 

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,6 +36,7 @@ def _check_schema(s, names):
     assert s["compile"]["steady_state_compiles"] == 0 and s["compile"]["warmup_compiles"] > 0
 
 
+@pytest.mark.slow  # ~60 s; the plan path also runs in tests/test_node.py (--plan --node)
 def test_serve_plan_device(tmp_path):
     """A plan file (as experiments.placement writes it) names the device's models, presets,
     rates and SLOs; the main job serves them."""
