@@ -104,8 +104,11 @@ def test_profile_writes_the_fineserve_columns(tmp_path):
 
 @pytest.mark.slow
 def test_validate_sim_reports_errors(tmp_path):
+    # One model: its slab is the 64 KiB target (no common multiple of several block sizes), so
+    # the default 0.12 MiB arena would hold a single usable slab (refused, by name).
     run("experiments.validate_sim", "--models=tiny-llama:org", "--rates=5", "--num_requests=20",
-        "--batch_sizes=1,2", "--input_lens=16,32", "--reps=1", f"--output_dir={tmp_path}", timeout=900)
+        "--batch_sizes=1,2", "--input_lens=16,32", "--reps=1", "--arena_mb=0.5",
+        f"--output_dir={tmp_path}", timeout=900)
     with open(tmp_path / "validation.json") as f:
         v = json.load(f)
     assert v["overall"]["engine"]["finished"] + v["overall"]["engine"]["dropped"] == 20
