@@ -120,36 +120,39 @@ class ModelRunner:
         return jax.ShapeDtypeStruct(arena.shape, arena.dtype, sharding=sharding)
 
     def shapes(self):
-        b = self.buckets
-        for n in b.prefill_sizes:
-            yield "prefill", n, (n, b.prefill_seqs)
-        for n in b.decode_sizes:
-            yield "decode", n, (n, n)
+        """Every compiled (kind, bucket size); a step's arrays come from `inputs_for`."""
+        for n in self.buckets.prefill_sizes:
+            yield "prefill", n
+        for n in self.buckets.decode_sizes:
+            yield "decode", n
 
     def sampler_rows(self):
         """Row counts of the steps' logits (each needs a sampler executable)."""
-        return sorted({rows for _, _, (_, rows) in self.shapes()})
+        return sorted({self.inputs_for(kind, size).temperature.shape[0]
+                       for kind, size in self.shapes()})
 
     def executable_key(self, key: Tuple[str, int]) -> tuple:
         """Process-wide identity of the executable behind `key` (samplers are shared by
         every model of a vocabulary size on the same devices)."""
         return (*self._sampler_key, key[1]) if key[0] == "sample" else (id(self), *key)
 
+    def _lower_step(self, kind: str, size: int, arena: jax.Array):
+        return self._jit[kind].lower(self.params, self._arena_spec(arena),
+                                     self.inputs_for(kind, size))
+
     def lower_all(self, arena: jax.Array) -> Dict[Tuple[str, int], object]:
         """Lower every (kind, bucket) step for this arena's shape and a sampler per row
         count; {(kind, size) or ("sample", rows): Lowered}."""
-        arena_sds = self._arena_spec(arena)
         lowered = {}
-        for kind, size, (tokens, rows) in self.shapes():
-            x = empty_inputs(tokens, rows, self.buckets.table_width)
-            lowered[(kind, size)] = low = self._jit[kind].lower(self.params, arena_sds, x)
+        for kind, size in self.shapes():
+            lowered[(kind, size)] = low = self._lower_step(kind, size, arena)
             self._fingerprint[(kind, size)] = step_cache.fingerprint(low)
         for rows in self.sampler_rows():
-            x = empty_inputs(rows, rows, self.buckets.table_width)
             logits = jax.ShapeDtypeStruct((rows, self.model.config.vocab_size), jax.numpy.float32,
                                           sharding=None if self.group is None
                                           else self.group.replicated)
-            lowered[("sample", rows)] = self._sampler_jit.lower(logits, *_sampling_args(x))
+            args = _sampling_args(self.inputs_for("decode", rows))  # [rows] arrays
+            lowered[("sample", rows)] = self._sampler_jit.lower(logits, *args)
         return lowered
 
     def set_compiled(self, compiled: Dict[Tuple[str, int], object]) -> None:
@@ -176,8 +179,7 @@ class ModelRunner:
         use if the warm-up has not (tests, debugging, inspecting the partitioned program)."""
         key = (kind, size)
         if key not in self._compiled:
-            self._compiled[key] = self._jit[kind].lower(
-                self.params, self._arena_spec(arena), self.inputs_for(kind, size)).compile()
+            self._compiled[key] = self._lower_step(kind, size, arena).compile()
         return self._compiled[key]
 
     def step_logits(self, kind: str, size: int, arena: jax.Array, x: StepInputs):
@@ -189,7 +191,7 @@ class ModelRunner:
         time is known from an earlier profile of the same program on this kind of device;
         returns (arena, {(kind, size): seconds}, number of steps measured)."""
         times, measured = {}, 0
-        for kind, size, _ in self.shapes():
+        for kind, size in self.shapes():
             fp = self._fingerprint[(kind, size)]
             known = step_cache.known_time(fp)
             if known is not None:
