@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from fineserve_jax.engine.sharding import AXIS, DeviceGroup
+from fineserve_jax.engine.step_cache import compile_lowered
 from fineserve_jax.formats import KVFormat
 from fineserve_jax.kvslab import arena as arena_lib
 
@@ -51,11 +52,11 @@ class BlockOps:
             if copy:
                 fn = _per_device(lambda a, s, d, fmt=fmt: arena_lib.copy_blocks(a, fmt, s, d),
                                  group, 2)
-                self._copy[b] = fn.lower(sds, ids, ids).compile()
+                self._copy[b] = compile_lowered(fn.lower(sds, ids, ids))
             if poison:
                 fn = _per_device(lambda a, ids, fmt=fmt: arena_lib.poison_blocks(a, fmt, ids),
                                  group, 1)
-                self._poison[b] = fn.lower(sds, ids).compile()
+                self._poison[b] = compile_lowered(fn.lower(sds, ids))
 
     def copy(self, arena: jax.Array, block_bytes: int, src: Sequence[int], dst: Sequence[int]):
         """Copy blocks src[i] -> dst[i] (sources are all read before any write)."""

@@ -179,7 +179,7 @@ class ModelRunner:
         use if the warm-up has not (tests, debugging, inspecting the partitioned program)."""
         key = (kind, size)
         if key not in self._compiled:
-            self._compiled[key] = self._lower_step(kind, size, arena).compile()
+            self._compiled[key] = step_cache.compile_lowered(self._lower_step(kind, size, arena))
         return self._compiled[key]
 
     def step_logits(self, kind: str, size: int, arena: jax.Array, x: StepInputs):

@@ -23,6 +23,8 @@ from typing import Callable, Dict, Optional, TypeVar
 
 import jax
 
+from models.compile_options import compiler_options
+
 log = logging.getLogger("fineserve_jax")
 
 ENV_VAR = "FINESERVE_JAX_CACHE"
@@ -78,16 +80,22 @@ def shared_step(key: tuple, make: Callable[[], Callable]) -> Callable:
 
 def compile_many(lowered: Dict[K, object], workers: Optional[int] = None) -> Dict[K, object]:
     """{key: Lowered} -> {key: Compiled}, compiled in `workers` threads (default: one per
-    CPU core). XLA compiles with the GIL released, so a step's codegen runs beside
-    another's; a start-up with dozens of bucketed steps is compile-bound."""
+    CPU core) with the project's compile options (`models.compile_options`). XLA compiles
+    with the GIL released, so a step's codegen runs beside another's; a start-up with dozens
+    of bucketed steps is compile-bound."""
     if workers is None:
         workers = os.cpu_count() or 1
     items = list(lowered.items())
     if workers <= 1 or len(items) <= 1:
-        return {k: low.compile() for k, low in items}
+        return {k: compile_lowered(low) for k, low in items}
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        futures = {k: pool.submit(low.compile) for k, low in items}
+        futures = {k: pool.submit(compile_lowered, low) for k, low in items}
         return {k: f.result() for k, f in futures.items()}
+
+
+def compile_lowered(lowered):
+    """`lowered.compile()` with the project's compile options for JAX's default backend."""
+    return lowered.compile(compiler_options=compiler_options())
 
 
 def fingerprint(lowered) -> str:
