@@ -71,6 +71,7 @@ from flax import nnx
 
 from fineserve_jax.formats import FP8_E4M3_MAX, INT4_LEVELS, INT8_QMAX
 from fineserve_jax.formats.int4_pack import pack_int4, unpack_int4
+from models.gptq import gptq_round
 
 # Scales never go below this, so an all-zero row/group quantizes to zeros instead of 0/0.
 SCALE_FLOOR = 1e-12
@@ -115,6 +116,23 @@ def _inv(scale: jax.Array) -> jax.Array:
     return 1.0 / scale
 
 
+def symmetric_scale(v: jax.Array, fmt: str, axis, qmax: Optional[float] = None) -> jax.Array:
+    """The scale of symmetric RTN along `axis` (kept with size 1): amax / qmax, floored."""
+    qmax = _QMAX[fmt] if qmax is None else qmax
+    amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
+    return jnp.maximum(amax * reciprocal(qmax), SCALE_FLOOR)
+
+
+def symmetric_codes(v: jax.Array, scale: jax.Array, fmt: str,
+                    qmax: Optional[float] = None) -> jax.Array:
+    """v / scale rounded into `fmt` (fp8 e4m3fn or int8), saturating at +-qmax."""
+    qmax = _QMAX[fmt] if qmax is None else qmax
+    y = v * _inv(scale)
+    if fmt == "fp8":
+        return jnp.clip(y, -qmax, qmax).astype(jnp.float8_e4m3fn)
+    return jnp.clip(jnp.round(y), -qmax, qmax).astype(jnp.int8)
+
+
 def symmetric_quantize(v: jax.Array, fmt: str, axis, qmax: Optional[float] = None):
     """Symmetric RTN along `axis` (reduced, kept with size 1).
 
@@ -122,15 +140,8 @@ def symmetric_quantize(v: jax.Array, fmt: str, axis, qmax: Optional[float] = Non
     scale float32 with `axis` of size 1, such that v ~= q * scale. `qmax` overrides the
     format's largest magnitude (448 for fp8, 127 for int8).
     """
-    qmax = _QMAX[fmt] if qmax is None else qmax
-    amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
-    scale = jnp.maximum(amax * reciprocal(qmax), SCALE_FLOOR)
-    y = v * _inv(scale)
-    if fmt == "fp8":
-        q = jnp.clip(y, -qmax, qmax).astype(jnp.float8_e4m3fn)
-    else:
-        q = jnp.clip(jnp.round(y), -qmax, qmax).astype(jnp.int8)
-    return q, scale
+    scale = symmetric_scale(v, fmt, axis, qmax)
+    return symmetric_codes(v, scale, fmt, qmax), scale
 
 
 def asymmetric_quantize(v: jax.Array, axis, integer_scale: bool = False):
@@ -222,7 +233,7 @@ class QuantLinear(nnx.Module):
     def __init__(self, kernel: jax.Array, bias: Optional[jax.Array] = None, *,
                  group_size: int = 128, act_scale: Optional[jax.Array] = None,
                  in_scale: Optional[jax.Array] = None, out_scale: Optional[jax.Array] = None,
-                 clip: Optional[jax.Array] = None):
+                 clip: Optional[jax.Array] = None, hessian: Optional[jax.Array] = None):
         """kernel [in, out] float (any float dtype) -> quantized by RTN.
 
         bias [out] is stored as given (the model dtype). AWQ scales, all float:
@@ -241,6 +252,7 @@ class QuantLinear(nnx.Module):
         """
         self.in_features, self.out_features = (int(d) for d in kernel.shape)
         w = jnp.asarray(kernel).astype(jnp.float32)
+        x_div = jnp.ones((self.in_features,), jnp.float32)  # runtime input = float input / x_div
 
         def scale(v, n, name):
             v = jnp.asarray(v).astype(jnp.float32)
@@ -252,10 +264,13 @@ class QuantLinear(nnx.Module):
             s = scale(act_scale, self.in_features, "act_scale")
             self.act_scale = nnx.Param(s)
             w = w * s[:, None]
+            x_div = x_div * s
         else:
             self.act_scale = None
         if in_scale is not None:
-            w = w * scale(in_scale, self.in_features, "in_scale")[:, None]
+            s = scale(in_scale, self.in_features, "in_scale")
+            w = w * s[:, None]
+            x_div = x_div * s
         if out_scale is not None:
             inv_out = _inv(scale(out_scale, self.out_features, "out_scale"))
             w = w * inv_out[None, :]
@@ -265,7 +280,17 @@ class QuantLinear(nnx.Module):
         self._configure(group_size)
         if clip is not None:
             w = self._clip(w, jnp.asarray(clip, jnp.float32))
-        self._store(w)
+        grid = self._grid(w)
+        if hessian is not None:
+            h = jnp.asarray(hessian, jnp.float32)
+            if h.shape != (self.in_features, self.in_features):
+                raise ValueError(f"hessian must have shape {(self.in_features,) * 2}, got {h.shape}")
+            if grid is None:
+                raise ValueError(f"{type(self).__name__} has no GPTQ rounding (fp8 weights only)")
+            inv = _inv(x_div)
+            w = gptq_round(w, h * inv[:, None] * inv[None, :],
+                           lambda rows: self._round_rows(rows, grid))
+        self._store(w, grid)
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
 
     @classmethod
@@ -281,7 +306,16 @@ class QuantLinear(nnx.Module):
     def _clip(self, w: jax.Array, ratio: jax.Array) -> jax.Array:
         raise ValueError(f"{type(self).__name__} has no weight groups to clip")
 
-    def _store(self, w: jax.Array) -> None:
+    def _grid(self, w: jax.Array):
+        """The quantization grid `_store` uses for w (formats GPTQ can round); None else."""
+        return None
+
+    def _round_rows(self, rows: jax.Array, grid) -> jax.Array:
+        """RTN of kernel rows [k, out] on `grid`, dequantized float32 (for GPTQ)."""
+        raise NotImplementedError
+
+    def _store(self, w: jax.Array, grid=None) -> None:
+        """Quantize w [in, out] into Params (on `grid` when given: `_grid`'s value)."""
         raise NotImplementedError
 
     def _product(self, x: jax.Array, compute_dtype) -> jax.Array:
@@ -329,9 +363,15 @@ class Fp8Linear(QuantLinear):
     weight_format = "fp8"
     activation_format = "fp8"
 
-    def _store(self, w):
-        q, scale = symmetric_quantize(w, "fp8", axis=0)
-        self.weight = nnx.Param(q)
+    def _grid(self, w):
+        return symmetric_scale(w, "fp8", axis=0)  # [1, out]
+
+    def _round_rows(self, rows, grid):
+        return symmetric_codes(rows, grid, "fp8").astype(jnp.float32) * grid
+
+    def _store(self, w, grid=None):
+        scale = self._grid(w) if grid is None else grid
+        self.weight = nnx.Param(symmetric_codes(w, scale, "fp8"))
         self.weight_scale = nnx.Param(scale[0])
 
     def _product(self, x, compute_dtype):
@@ -349,7 +389,7 @@ class Int8Linear(_GroupedMixin, QuantLinear):
     weight_format = "int8"
     activation_format = "bf16"
 
-    def _store(self, w):
+    def _store(self, w, grid=None):
         q, scale = symmetric_quantize(self._groups(w), "int8", axis=1)
         self.weight = nnx.Param(q.reshape(self.in_features, self.out_features))
         self.weight_scale = nnx.Param(scale[:, 0])
@@ -373,7 +413,7 @@ class Int4Linear(_GroupedMixin, QuantLinear):
     weight_format = "int4"
     activation_format = "bf16"
 
-    def _store(self, w):
+    def _store(self, w, grid=None):
         q, scale, zero = asymmetric_quantize(self._groups(w), axis=1)
         self.weight = nnx.Param(pack_int4(q.reshape(self.in_features, self.out_features), 0))
         self.weight_scale = nnx.Param(scale[:, 0])
@@ -396,7 +436,7 @@ class W4A8Linear(_GroupedMixin, QuantLinear):
     weight_format = "int4"
     activation_format = "int8"
 
-    def _store(self, w):
+    def _store(self, w, grid=None):
         w8, scale = symmetric_quantize(w, "int8", axis=0, qmax=QOQ_PROTECTIVE_QMAX)
         q, gscale, zero = asymmetric_quantize(
             self._groups(w8.astype(jnp.float32)), axis=1, integer_scale=True)

@@ -22,6 +22,7 @@ class Preset:
     kv: str
     group_size: int = 128  # int8/int4 weight groups along the input dimension
     awq: bool = False  # activation-aware per-channel scaling during PTQ
+    gptq: bool = False  # weights rounded by GPTQ on calibration inputs instead of RTN
 
     @property
     def is_quantized(self) -> bool:
@@ -32,8 +33,8 @@ PRESETS: Mapping[str, Preset] = {
     p.name: p
     for p in (
         Preset("org", "bf16", "bf16", "bf16"),
-        Preset("fp8", "fp8", "fp8", "bf16"),
-        Preset("fp8_kv8", "fp8", "fp8", "fp8"),
+        Preset("fp8", "fp8", "fp8", "bf16", gptq=True),
+        Preset("fp8_kv8", "fp8", "fp8", "fp8", gptq=True),
         Preset("awq", "int4", "bf16", "bf16", awq=True),
         Preset("qoq", "int4", "int8", "int4", awq=True),
         Preset("int8", "int8", "bf16", "bf16"),

@@ -3,7 +3,8 @@
 `quantize_model` replaces every projection `Linear` (q/k/v/o_proj, gate/up/down_proj) with
 the preset's quantized layer from `models/quant_linear.py` (round-to-nearest, plus
 AWQ-style scales for presets with `awq=True`, folded into the RMSNorm weights and the
-preceding projections: `awq` module docstring). Embeddings, RMSNorm weights and `lm_head`
+preceding projections: `awq` module docstring; GPTQ rounding instead of round-to-nearest
+for presets with `gptq=True`: `models.gptq`). Embeddings, RMSNorm weights and `lm_head`
 stay in the model dtype: they are a small part of a large model's weights (lm_head is
 ~7% of Llama-3.1-8B) and the most sensitive to quantization; the paper's presets
 (AWQ, QoQ, fp8 W8A8) keep them in 16 bits as well. The model code is unchanged; only the
@@ -15,6 +16,7 @@ Quantized models save with `checkpoint.save_params` and restore into
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Mapping, Optional
 
@@ -24,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from fineserve_jax.formats import Preset, get_preset
+from fineserve_jax.quant.calibration import calibration_ids
 from fineserve_jax.quant.awq import (GROUPS, K_SITE, O_SITE, Q_SITE, UP_SITE, V_SITE,
                                      folds_o_into_v, smooths_keys, stored_scale_sites)
 from fineserve_jax.quant.projections import PROJECTIONS, SITES, layer_path, projection_layers
@@ -32,6 +35,9 @@ from models.linear import Linear
 from models.quant_linear import QuantLinear, layer_class
 from models.stacking import stack_modules
 from models.transformer import Transformer
+
+log = logging.getLogger("fineserve_jax")
+GPTQ_MAX_TOKENS = 2048  # calibration rows per projection input (every token of the text)
 
 
 def _stacked(act_scales: Mapping[str, np.ndarray], site: str, num_layers: int,
@@ -118,12 +124,12 @@ def _swap_projections(module: Transformer, preset: Preset,
         bias = None if lin.bias is None else lin.bias[...]
         kw = {k: jnp.asarray(v, jnp.float32) for k, v in plan.get(site, {}).items()}
 
-        def build(k, b, a, i, o, c):
+        def build(k, b, a, i, o, c, h):
             return cls(k, b, group_size=preset.group_size, act_scale=a, in_scale=i,
-                       out_scale=o, clip=c)
+                       out_scale=o, clip=c, hessian=h)
 
         xs = (lin.kernel[...], bias, kw.get("act_scale"), kw.get("in_scale"),
-              kw.get("out_scale"), kw.get("clip"))
+              kw.get("out_scale"), kw.get("clip"), kw.get("hessian"))
         setattr(parent, name, stack_modules(build, xs))
 
 
@@ -131,7 +137,7 @@ def quantize_model(module: Transformer, preset: "Preset | str", calibration=None
                    tokenizer=None, act_scales: Optional[Mapping[str, np.ndarray]] = None,
                    key_scales: Optional[Mapping[str, np.ndarray]] = None,
                    clips: Optional[Mapping[str, np.ndarray]] = None,
-                   fold_scales: bool = True) -> Transformer:
+                   fold_scales: bool = True, gptq: Optional[bool] = None) -> Transformer:
     """A quantized copy of a float `Transformer` (the input module is left unchanged).
 
     preset: a `Preset` or its name (`fineserve_jax.formats.PRESETS`). Presets with bf16
@@ -153,6 +159,9 @@ def quantize_model(module: Transformer, preset: "Preset | str", calibration=None
     fold_scales: fold the AWQ scales into the RMSNorm weights and the preceding projections
     (`awq` module docstring; the projections of a group need equal scales); False stores
     every projection's scale (`act_scale`, divided at runtime): the unfolded reference.
+    gptq: round the weights by GPTQ on the calibration inputs (None: the preset's `gptq`).
+    Without calibration and a tokenizer that can encode the default text there is nothing
+    to calibrate on: the weights are rounded to nearest, and the log says so.
     """
     preset = get_preset(preset)
     cls = layer_class(preset.weights, preset.activations)
@@ -169,7 +178,6 @@ def quantize_model(module: Transformer, preset: "Preset | str", calibration=None
     if preset.awq:
         if act_scales is None:
             from fineserve_jax.quant.awq import search_act_scales
-            from fineserve_jax.quant.calibration import calibration_ids
 
             ids = calibration_ids(calibration, tokenizer, module.config.vocab_size)
             res = search_act_scales(
@@ -178,12 +186,41 @@ def quantize_model(module: Transformer, preset: "Preset | str", calibration=None
                 smooth_keys=smooths_keys(preset), clip=True)
             act_scales, key_scales, clips = res.scales, res.key_scales, res.clips
         plan, norms = _awq_plan(module, preset, act_scales, fold_scales, key_scales, clips)
+    use_gptq = preset.gptq if gptq is None else bool(gptq)
+    if use_gptq:
+        try:
+            ids = calibration_ids(calibration, tokenizer, module.config.vocab_size)
+        except ValueError as e:
+            if calibration is not None:  # the caller's own calibration is wrong: say so
+                raise
+            ids = None  # no tokenizer for the default text: nothing to calibrate on
+            log.info("%s: weights rounded to nearest, not by GPTQ (%s)", preset.name, e)
+        if ids is not None:
+            for site, h in gptq_hessians(module, ids).items():
+                plan.setdefault(site, {})["hessian"] = h
     out = nnx.clone(module)
     for name, s in norms.items():
         w = getattr(out.layers, name).weight
         inv = 1.0 / jnp.asarray(s, jnp.float32)  # multiply by the reciprocal: see QuantLinear
         w.set_value((w[...].astype(jnp.float32) * inv).astype(w[...].dtype))
     _swap_projections(out, preset, plan)
+    return out
+
+
+def gptq_hessians(module: Transformer, ids: np.ndarray,
+                  max_tokens: int = GPTQ_MAX_TOKENS) -> Dict[str, np.ndarray]:
+    """Per projection site: `X^T X / N` of the float model's inputs X `[N, in]` to that
+    projection in every layer, float32 `[num_layers, in, in]` (GPTQ's Hessian)."""
+    from fineserve_jax.quant.awq import collect_projection_inputs
+
+    x = collect_projection_inputs(module, ids, max_tokens=max_tokens)
+    out = {}
+    for site, parent, name in projection_layers(module):
+        layers = []
+        for i in range(module.config.num_layers):
+            xi = x[layer_path(i, site)].astype(np.float64)
+            layers.append((xi.T @ xi / xi.shape[0]).astype(np.float32))
+        out[site] = np.stack(layers)
     return out
 
 
