@@ -127,3 +127,20 @@ def test_hessians_are_the_input_second_moments(tiny):
     assert h["self_attn.q_proj"].shape == (cfg.num_layers, cfg.hidden_size, cfg.hidden_size)
     np.testing.assert_allclose(h["self_attn.q_proj"], h["self_attn.k_proj"])  # same input
     assert np.all(np.linalg.eigvalsh(h["mlp.down_proj"][0].astype(np.float64)) > -1e-4)
+
+
+def test_hessian_follows_the_awq_input_scale():
+    """A layer that divides its inputs by act_scale s sees x / s: GPTQ must weight its rows
+    by the second moment of x / s. Quantizing W with act_scale s and X^T X equals quantizing
+    W * s with (X / s)^T (X / s) and no scale; dropping the rescaling breaks the equality."""
+    x = _correlated_inputs()
+    w = np.random.default_rng(4).standard_normal((96, 24)).astype(np.float32)
+    s = np.exp(np.random.default_rng(5).uniform(-1.0, 1.0, 96)).astype(np.float32)
+    scaled = Fp8Linear(jnp.asarray(w), act_scale=jnp.asarray(s), hessian=jnp.asarray(x.T @ x))
+    xs = x / s
+    plain = Fp8Linear(jnp.asarray(w * s[:, None]), hessian=jnp.asarray(xs.T @ xs))
+    np.testing.assert_allclose(np.asarray(scaled.dequantized_weight()),
+                               np.asarray(plain.dequantized_weight()), rtol=0, atol=1e-6)
+    unscaled_h = Fp8Linear(jnp.asarray(w * s[:, None]), hessian=jnp.asarray(x.T @ x))
+    assert not np.allclose(np.asarray(unscaled_h.dequantized_weight()),
+                           np.asarray(plain.dequantized_weight()), atol=1e-6)
