@@ -144,3 +144,21 @@ def test_hessian_follows_the_awq_input_scale():
     unscaled_h = Fp8Linear(jnp.asarray(w * s[:, None]), hessian=jnp.asarray(x.T @ x))
     assert not np.allclose(np.asarray(unscaled_h.dequantized_weight()),
                            np.asarray(plain.dequantized_weight()), atol=1e-6)
+
+
+def test_default_gptq_falls_back_to_rtn_past_the_memory_limit(tiny, monkeypatch, caplog):
+    from fineserve_jax.quant import ptq
+
+    assert ptq.gptq_hessian_bytes(tiny.module) > 0
+    monkeypatch.setattr(ptq, "GPTQ_MAX_HESSIAN_BYTES", ptq.gptq_hessian_bytes(tiny.module) - 1)
+    with caplog.at_level(logging.INFO, logger="fineserve_jax"):
+        m = quantize_model(tiny.module, "fp8", tokenizer=tiny.tokenizer)
+    assert "Hessians would take" in caplog.text
+    rtn = quantize_model(tiny.module, "fp8", gptq=False)
+    same = lambda a, b: all(np.array_equal(np.asarray(getattr(p, n).weight[...], np.float32),
+                                           np.asarray(getattr(q, k).weight[...], np.float32))
+                            for (_, p, n), (_, q, k) in zip(projection_layers(a),
+                                                            projection_layers(b)))
+    assert same(m, rtn)
+    forced = quantize_model(tiny.module, "fp8", tokenizer=tiny.tokenizer, gptq=True)
+    assert not same(forced, rtn)  # an explicit gptq=True ignores the limit

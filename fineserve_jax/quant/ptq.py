@@ -38,6 +38,9 @@ from models.transformer import Transformer
 
 log = logging.getLogger("fineserve_jax")
 GPTQ_MAX_TOKENS = 2048  # calibration rows per projection input (every token of the text)
+# GPTQ holds one [in, in] float32 Hessian per projection and layer on the host; past this the
+# preset's default falls back to round-to-nearest (SmolLM2-135M: 0.5 GiB; Llama-3.1-8B: 36.5 GiB).
+GPTQ_MAX_HESSIAN_BYTES = 2 << 30
 
 
 def _stacked(act_scales: Mapping[str, np.ndarray], site: str, num_layers: int,
@@ -159,7 +162,8 @@ def quantize_model(module: Transformer, preset: "Preset | str", calibration=None
     fold_scales: fold the AWQ scales into the RMSNorm weights and the preceding projections
     (`awq` module docstring; the projections of a group need equal scales); False stores
     every projection's scale (`act_scale`, divided at runtime): the unfolded reference.
-    gptq: round the weights by GPTQ on the calibration inputs (None: the preset's `gptq`).
+    gptq: round the weights by GPTQ on the calibration inputs (None: the preset's `gptq`,
+    unless its Hessians would exceed `GPTQ_MAX_HESSIAN_BYTES` of host memory: then RTN).
     Without calibration and a tokenizer that can encode the default text there is nothing
     to calibrate on: the weights are rounded to nearest, and the log says so.
     """
@@ -187,6 +191,13 @@ def quantize_model(module: Transformer, preset: "Preset | str", calibration=None
             act_scales, key_scales, clips = res.scales, res.key_scales, res.clips
         plan, norms = _awq_plan(module, preset, act_scales, fold_scales, key_scales, clips)
     use_gptq = preset.gptq if gptq is None else bool(gptq)
+    if use_gptq and gptq is None:
+        need = gptq_hessian_bytes(module)
+        if need > GPTQ_MAX_HESSIAN_BYTES:
+            use_gptq = False
+            log.info("%s: weights rounded to nearest, not by GPTQ: its Hessians would take "
+                     "%.1f GiB of host memory (limit %.1f GiB; gptq=True forces it)",
+                     preset.name, need / 2**30, GPTQ_MAX_HESSIAN_BYTES / 2**30)
     if use_gptq:
         try:
             ids = calibration_ids(calibration, tokenizer, module.config.vocab_size)
@@ -205,6 +216,12 @@ def quantize_model(module: Transformer, preset: "Preset | str", calibration=None
         w.set_value((w[...].astype(jnp.float32) * inv).astype(w[...].dtype))
     _swap_projections(out, preset, plan)
     return out
+
+
+def gptq_hessian_bytes(module: Transformer) -> int:
+    """Host bytes of `gptq_hessians(module, ...)`: float32 [num_layers, in, in] per site."""
+    return sum(4 * module.config.num_layers * getattr(parent, name).in_features ** 2
+               for _, parent, name in projection_layers(module))
 
 
 def gptq_hessians(module: Transformer, ids: np.ndarray,
