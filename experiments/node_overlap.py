@@ -13,11 +13,11 @@ overlap = summed step time / wall time (above 1: steps of different groups ran a
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 from absl import app, flags
+
+from experiments.output import write_json
 
 _PLAN = flags.DEFINE_string("plan", None, "placement plan (default: a tiny tp2 + 2 x tp1 node)")
 _NODE = flags.DEFINE_integer("node", 0, "which node of the plan")
@@ -94,9 +94,7 @@ def main(argv):
           f"threads {threaded['wall_s']:.2f} s (summed step time {threaded['busy_s']:.2f} s, "
           f"overlap {threaded['overlap']:.2f}x); one after another {seq['wall_s']:.2f} s "
           f"(summed step time {seq['busy_s']:.2f} s): speedup {out['speedup']:.2f}x")
-    os.makedirs(_OUT.value, exist_ok=True)
-    with open(os.path.join(_OUT.value, "overlap.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(_OUT.value, "overlap.json", out)
 
 
 if __name__ == "__main__":

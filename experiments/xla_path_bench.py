@@ -23,8 +23,6 @@ a table is printed.
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import time
 from typing import Dict, List
 
@@ -33,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments.output import write_json
 from experiments.timing import time_call
 
 _MODELS = flags.DEFINE_list("models", ["tiny-llama", "smollm2-135m"], "model presets (random "
@@ -311,11 +310,7 @@ def main(argv):
         print(f"compile time vs depth ({depth_model} widths, impl {_DEPTH_IMPL.value}):")
         report["depth"] = depth_part(depth_model, depths, _DEPTH_IMPL.value,
                                      1 if quick else _TRIALS.value)
-    os.makedirs(_OUT.value, exist_ok=True)
-    path = os.path.join(_OUT.value, "xla_path.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {path}")
+    write_json(_OUT.value, "xla_path.json", report)
 
 
 if __name__ == "__main__":

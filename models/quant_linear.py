@@ -222,9 +222,10 @@ def row_blocked_matmul(x: jax.Array, w: jax.Array, acc_dtype,
 class QuantLinear(nnx.Module):
     """Base of the quantized layers: input scaling, bias and the output dtype.
 
-    Subclasses set `weight_format` / `activation_format` and implement `_store(w)`
+    Subclasses set `weight_format` / `activation_format` and implement `_store(w, grid)`
     (quantize the float32 kernel [in, out] into Params) and `_product(x)`
-    (x float32 [..., in] after the AWQ division, compute dtype -> float32 [..., out]).
+    (x float32 [..., in] after the AWQ division, compute dtype -> float32 [..., out]); formats
+    GPTQ can round also implement `_grid(w)` and `_round_rows(rows, grid)`.
     """
 
     weight_format = "?"
@@ -314,8 +315,9 @@ class QuantLinear(nnx.Module):
         """RTN of kernel rows [k, out] on `grid`, dequantized float32 (for GPTQ)."""
         raise NotImplementedError
 
-    def _store(self, w: jax.Array, grid=None) -> None:
-        """Quantize w [in, out] into Params (on `grid` when given: `_grid`'s value)."""
+    def _store(self, w: jax.Array, grid) -> None:
+        """Quantize w [in, out] into Params; grid: `_grid` of the kernel before any GPTQ
+        rounding (None for formats without one), so a GPTQ result keeps RTN's scales."""
         raise NotImplementedError
 
     def _product(self, x: jax.Array, compute_dtype) -> jax.Array:
@@ -369,10 +371,9 @@ class Fp8Linear(QuantLinear):
     def _round_rows(self, rows, grid):
         return symmetric_codes(rows, grid, "fp8").astype(jnp.float32) * grid
 
-    def _store(self, w, grid=None):
-        scale = self._grid(w) if grid is None else grid
-        self.weight = nnx.Param(symmetric_codes(w, scale, "fp8"))
-        self.weight_scale = nnx.Param(scale[0])
+    def _store(self, w, grid):
+        self.weight = nnx.Param(symmetric_codes(w, grid, "fp8"))
+        self.weight_scale = nnx.Param(grid[0])
 
     def _product(self, x, compute_dtype):
         xq, x_scale = symmetric_quantize(x, "fp8", axis=-1)
@@ -389,7 +390,7 @@ class Int8Linear(_GroupedMixin, QuantLinear):
     weight_format = "int8"
     activation_format = "bf16"
 
-    def _store(self, w, grid=None):
+    def _store(self, w, grid):
         q, scale = symmetric_quantize(self._groups(w), "int8", axis=1)
         self.weight = nnx.Param(q.reshape(self.in_features, self.out_features))
         self.weight_scale = nnx.Param(scale[:, 0])
@@ -413,7 +414,7 @@ class Int4Linear(_GroupedMixin, QuantLinear):
     weight_format = "int4"
     activation_format = "bf16"
 
-    def _store(self, w, grid=None):
+    def _store(self, w, grid):
         q, scale, zero = asymmetric_quantize(self._groups(w), axis=1)
         self.weight = nnx.Param(pack_int4(q.reshape(self.in_features, self.out_features), 0))
         self.weight_scale = nnx.Param(scale[:, 0])
@@ -436,7 +437,7 @@ class W4A8Linear(_GroupedMixin, QuantLinear):
     weight_format = "int4"
     activation_format = "int8"
 
-    def _store(self, w, grid=None):
+    def _store(self, w, grid):
         w8, scale = symmetric_quantize(w, "int8", axis=0, qmax=QOQ_PROTECTIVE_QMAX)
         q, gscale, zero = asymmetric_quantize(
             self._groups(w8.astype(jnp.float32)), axis=1, integer_scale=True)

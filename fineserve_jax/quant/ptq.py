@@ -220,25 +220,29 @@ def quantize_model(module: Transformer, preset: "Preset | str", calibration=None
 
 
 def gptq_hessian_bytes(module: Transformer) -> int:
-    """Host bytes of `gptq_hessians(module, ...)`: float32 [num_layers, in, in] per site."""
-    return sum(4 * module.config.num_layers * getattr(parent, name).in_features ** 2
-               for _, parent, name in projection_layers(module))
+    """Host bytes of `gptq_hessians(module, ...)`: float32 [num_layers, in, in] per scale
+    group (`awq.GROUPS`: the projections that read one input share one Hessian)."""
+    widths = {site: getattr(parent, name).in_features
+              for site, parent, name in projection_layers(module)}
+    return sum(4 * module.config.num_layers * widths[g.sites[0]] ** 2 for g in GROUPS)
 
 
 def gptq_hessians(module: Transformer, ids: np.ndarray,
                   max_tokens: int = GPTQ_MAX_TOKENS) -> Dict[str, np.ndarray]:
     """Per projection site: `X^T X / N` of the float model's inputs X `[N, in]` to that
-    projection in every layer, float32 `[num_layers, in, in]` (GPTQ's Hessian)."""
+    projection in every layer, float32 `[num_layers, in, in]` (GPTQ's Hessian). The sites of
+    one `awq.GROUPS` entry read the same input and get the same array."""
     from fineserve_jax.quant.awq import collect_projection_inputs
 
     x = collect_projection_inputs(module, ids, max_tokens=max_tokens)
     out = {}
-    for site, parent, name in projection_layers(module):
+    for group in GROUPS:
         layers = []
         for i in range(module.config.num_layers):
-            xi = x[layer_path(i, site)].astype(np.float64)
+            xi = x[layer_path(i, group.sites[0])].astype(np.float64)
             layers.append((xi.T @ xi / xi.shape[0]).astype(np.float32))
-        out[site] = np.stack(layers)
+        h = np.stack(layers)
+        out.update({site: h for site in group.sites})
     return out
 
 
