@@ -39,8 +39,8 @@ from models.transformer import Transformer
 log = logging.getLogger("fineserve_jax")
 GPTQ_MAX_TOKENS = 2048  # calibration rows per projection input (every token of the text)
 # GPTQ holds one [in, in] float32 Hessian per projection and layer on the host; past this the
-# preset's default falls back to round-to-nearest (SmolLM2-135M needs 0.5 GiB, Llama-3.1-8B
-# would need 36.5 GiB).
+# preset's default falls back to round-to-nearest (SmolLM2-135M needs 0.37 GiB, Llama-3.1-8B
+# would need 30.5 GiB).
 GPTQ_MAX_HESSIAN_BYTES = 2 << 30
 
 
