@@ -17,6 +17,7 @@ from flax import nnx
 
 from fineserve_jax import checkpoint
 from fineserve_jax.formats import KVFormat, Preset, get_preset
+from fineserve_jax.formats.kv_rotation import rotates_kv
 from fineserve_jax.tokenizer import (ByteTokenizer, HFTokenizer, NoTokenizer, TokenizerError,
                                      load_tokenizer)
 from models import presets as model_presets
@@ -51,8 +52,10 @@ class Model:
 
         @functools.partial(jax.jit, static_argnums=(2,))
         def logits(state, token_ids, kv_dtype):
-            roundtrip = None if kv_dtype is None else functools.partial(_kv_roundtrip, kv_dtype=kv_dtype)
-            return nnx.merge(graphdef, state).full_forward(token_ids, roundtrip)
+            if kv_dtype is None:
+                return nnx.merge(graphdef, state).full_forward(token_ids)
+            return nnx.merge(graphdef, state).full_forward(
+                token_ids, functools.partial(_kv_roundtrip, kv_dtype=kv_dtype), rotates_kv(kv_dtype))
 
         return logits
 

@@ -16,6 +16,8 @@ from typing import Any, Protocol, Tuple
 import jax
 import jax.numpy as jnp
 
+from fineserve_jax.formats.kv_rotation import hadamard_rows
+
 
 class AttentionBackend(Protocol):
     def __call__(self, cache: Any, layer: jax.Array, q: jax.Array, k: jax.Array,
@@ -44,13 +46,19 @@ class CausalAttention:
 
     `kv_roundtrip`, when given, maps k/v `[B, T, Hkv, D]` through the storage a KV cache
     would apply (e.g. quantize + dequantize), so a cache-free forward reproduces exactly
-    what a model reading its KV back from the arena computes.
+    what a model reading its KV back from the arena computes. `rotate_kv`: the cache stores
+    Hadamard-rotated rows (`formats.kv_rotation`), so q/k/v are rotated before the round
+    trip and the output rotated back, as the paged backend does.
     """
 
-    def __init__(self, kv_roundtrip=None):
+    def __init__(self, kv_roundtrip=None, rotate_kv: bool = False):
         self.kv_roundtrip = kv_roundtrip
+        self.rotate_kv = rotate_kv
 
     def __call__(self, cache, layer, q, k, v):
+        if self.rotate_kv:
+            q, k, v = hadamard_rows(q), hadamard_rows(k), hadamard_rows(v)
         if self.kv_roundtrip is not None:
             k, v = self.kv_roundtrip(k), self.kv_roundtrip(v)
-        return causal_attention(q, k, v), cache
+        out = causal_attention(q, k, v)
+        return (hadamard_rows(out) if self.rotate_kv else out), cache

@@ -137,9 +137,10 @@ class Transformer(nnx.Module):
         (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layer_ids))
         return self.head(x, logits_indices), cache
 
-    def full_forward(self, token_ids: jax.Array, kv_roundtrip=None) -> jax.Array:
+    def full_forward(self, token_ids: jax.Array, kv_roundtrip=None,
+                     rotate_kv: bool = False) -> jax.Array:
         """Logits [B, T, vocab] of a full causal forward without a cache (see
-        `CausalAttention` for `kv_roundtrip`)."""
+        `CausalAttention` for `kv_roundtrip` and `rotate_kv`)."""
         b, t = token_ids.shape
         if t > self.config.max_context:
             raise ValueError(
@@ -148,4 +149,4 @@ class Transformer(nnx.Module):
                 + (f" (sliding window {self.config.sliding_window} is not supported past the "
                    f"window)" if self.config.sliding_window else ""))
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        return self(token_ids, positions, CausalAttention(kv_roundtrip))[0]
+        return self(token_ids, positions, CausalAttention(kv_roundtrip, rotate_kv))[0]

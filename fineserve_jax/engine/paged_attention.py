@@ -1,7 +1,8 @@
 """The model's attention backend over the shared KV arena (one step, traced under jit).
 
 Per layer: write the new tokens' K/V into their blocks (quantized per the model's KV
-format), then attend over the format's typed view of the arena. The view is the *cache
+format), then attend over the format's typed view of the arena. Formats that store rotated
+rows (int4, `formats.kv_rotation`) get q/k/v rotated before and the output rotated back. The view is the *cache
 value* the decoder's layer scan carries: it comes in as an argument and goes out as the
 result of every layer, so the arena flows through the step as data. The backend object
 holds only static configuration and the step's read-only inputs.
@@ -25,6 +26,7 @@ import pallas_kernels
 from fineserve_jax.engine.sharding import AXIS, DeviceGroup, KVSplit
 from fineserve_jax.engine.step_inputs import StepInputs
 from fineserve_jax.formats import KVFormat
+from fineserve_jax.formats.kv_rotation import hadamard_rows, rotates_kv
 
 
 class PagedAttention:
@@ -49,12 +51,15 @@ class PagedAttention:
             raise ValueError(f"a group of {self.group.tp} devices needs the model's KV split "
                              f"for that tp, got {split}")
         self.split = split
+        self.rotate = rotates_kv(fmt.kv_dtype)  # the format stores rotated rows
 
     def _local(self, view, layer, q, k, v, x: StepInputs):
         """One device's (or the only device's) write + attention. q [B, T, Hq, D], k/v
         [B, T, Hkv, D] (local heads) -> (out [B, T, Hq, D], view)."""
         b, t, hq, d = q.shape
         n = b * t
+        if self.rotate:
+            q, k, v = hadamard_rows(q), hadamard_rows(k), hadamard_rows(v)
         view = pallas_kernels.write_kv_view(view, self.fmt, layer, k.reshape(n, -1, d),
                                             v.reshape(n, -1, d), x.slot_block, x.slot_offset)
         if self.kind == "decode":
@@ -65,7 +70,8 @@ class PagedAttention:
             out = pallas_kernels.prefill_attention(
                 q.reshape(n, hq, d), view, x.block_tables, x.q_seq, x.q_pos, fmt=self.fmt,
                 layer=layer, impl=self.impl, interpret=self.interpret)
-        return out.reshape(b, t, hq, d), view
+        out = out.reshape(b, t, hq, d)
+        return (hadamard_rows(out) if self.rotate else out), view
 
     def __call__(self, view, layer, q, k, v):
         if self.group is None:

@@ -3,10 +3,12 @@
   kv_format.py   KV dtypes and `KVFormat`, the byte layout of one KV block (pure Python)
   kv_layout.py   word offsets inside a block (ints or jnp arrays)
   kv_codec.py    quantize/dequantize KV rows to/from the block's packed words (jnp)
+  kv_rotation.py the Hadamard rotation int4 KV rows are stored in (jnp)
   int4_pack.py   two uint4 weight codes per byte (jnp)
   precision.py   precision presets (`org`, `fp8`, `fp8_kv8`, `awq`, `qoq`, `int8`, `int8_kv8`)
 
-Importing this package imports no JAX; `kv_codec` and `int4_pack` do (import them explicitly).
+Importing this package imports no JAX; `kv_codec`, `kv_rotation` and `int4_pack` do (import
+them explicitly).
 """
 
 from fineserve_jax.formats.kv_format import (

@@ -71,6 +71,7 @@ import numpy as np
 from flax import nnx
 
 from fineserve_jax.formats import Preset
+from fineserve_jax.formats.kv_rotation import rotates_kv
 from fineserve_jax.quant.projections import SITES, layer_path, projection_layers
 from models.attention import CausalAttention
 
@@ -107,7 +108,8 @@ CLIP_RATIOS = tuple(float(r) for r in np.round(np.linspace(1.0, 0.5, 11), 4))
 NO_CLIP_SITES = ("self_attn.q_proj", "self_attn.k_proj")
 DEFAULT_CLIP_TOKENS = 256  # calibration rows used by the clipping search
 # SmoothAttention's migration strength (QServe's 0.5; not swept here). On SmolLM2 with the
-# int4 KV cache, key smoothing alone lowers qoq-RTN's perplexity ratio from 1.52 to 1.45.
+# int4 KV cache, key smoothing alone lowered qoq-RTN's perplexity ratio from 1.52 to 1.45;
+# int4 KV rows are now stored Hadamard-rotated instead (`smooths_keys`).
 KEY_SMOOTH_ALPHA = 0.5
 
 
@@ -118,8 +120,10 @@ def folds_o_into_v(preset: Preset) -> bool:
 
 def smooths_keys(preset: Preset) -> bool:
     """Whether keys are smoothed (SmoothAttention): AWQ-calibrated presets whose KV cache is
-    quantized."""
-    return preset.awq and preset.kv != "bf16"
+    quantized and not stored rotated. A rotated cache (int4, `formats.kv_rotation`) already
+    spreads the key outliers; smoothing on top made SmolLM2's qoq worse (held-out perplexity
+    ratio 1.28 rotated alone, 1.32 with both; WORKSPACE_NOTES.md)."""
+    return preset.awq and preset.kv != "bf16" and not rotates_kv(preset.kv)
 
 
 def stored_scale_sites(preset: Preset, fold_scales: bool = True) -> Tuple[str, ...]:
