@@ -16,6 +16,7 @@ from fineserve_jax.scheduler.load_estimate import estimate_device, profile_model
 from fineserve_jax.scheduler.placement import (POLICIES, PlacementConfig, PlacementError, ServedModel,
                                                cluster_partitions, node_patterns, place, replan)
 from fineserve_jax.scheduler.plan import ClusterSpec, PlacementPlan, PlanError, check_plan
+from models.presets import get_model_config
 
 logging.getLogger("fineserve_jax.scheduler.cost").setLevel(logging.ERROR)
 
@@ -25,8 +26,9 @@ def cost():
     return CostModel.from_profiles()
 
 
+# qwen2.5-7b (28 query heads) cannot run at tp 8, smollm2-135m (9 / 3 heads) at any tp in (2, 4, 8)
 CONFIGS = ["llama-3.1-8b", "qwen2.5-32b", "llama-3.1-70b", "llama-7b", "llama-13b", "llama-30b",
-           "llama-65b", "mistral-7b"]
+           "llama-65b", "mistral-7b", "qwen2.5-7b", "smollm2-135m"]
 PRESETS = ["org", "fp8", "fp8_kv8", "awq", "qoq", "int8", "int8_kv8"]
 
 
@@ -36,7 +38,10 @@ def per_gpu_bytes_ok(plan: PlacementPlan) -> None:
     for d in plan.devices:
         need = 0.0
         for m in d.models:
-            fp = footprint(m.config, m.preset, plan.tokens_per_block)
+            cfg = get_model_config(m.config)
+            assert cfg.num_heads % d.tp == 0, (m.config, d.tp)  # the engine could not run it
+            assert cfg.num_kv_heads % d.tp == 0 or d.tp % cfg.num_kv_heads == 0, (m.config, d.tp)
+            fp = footprint(m.config, m.preset, plan.tokens_per_block, d.tp)
             need += (fp.weight_bytes + fp.min_kv_bytes(plan.max_model_len)) / d.tp
         assert need <= usable + 1, (d.id, need / GiB, usable / GiB)
         assert d.kv_arena_bytes >= sum(m.min_kv_bytes for m in d.models)
@@ -205,3 +210,49 @@ def test_replan_keeps_a_plan_that_still_holds_and_moves_when_it_must(cost):
     assert not r2.kept
     check_plan(r2.plan)
     assert r2.plan.model_rates()["a"] == pytest.approx(150.0)
+
+
+def test_footprint_counts_kv_heads_replicated_over_a_wider_group():
+    """tiny-mistral has 1 KV head: at tp 2 / 4 every GPU stores it (as the engine does), so the
+    group's KV bytes are tp times the model's, and the k/v projections are held tp times."""
+    from fineserve_jax.engine.sharding import kv_split, local_kv_format
+
+    one = footprint("tiny-mistral", "org", 16)
+    for tp in (2, 4):
+        fp = footprint("tiny-mistral", "org", 16, tp)
+        engine_fmt = local_kv_format(one.kv_format, kv_split(4, 1, tp))  # one GPU's blocks
+        assert fp.kv_format.block_bytes == tp * engine_fmt.block_bytes == tp * one.block_bytes
+        assert fp.min_kv_bytes(64) == tp * one.min_kv_bytes(64)
+        assert fp.weight_bytes > one.weight_bytes
+    # split, not replicated: the group holds exactly the model's bytes
+    assert footprint("llama-3.1-70b", "fp8_kv8", 16, 8).block_bytes == footprint("llama-3.1-70b", "fp8_kv8", 16).block_bytes
+    assert footprint("llama-3.1-70b", "fp8_kv8", 16, 8).weight_bytes == footprint("llama-3.1-70b", "fp8_kv8", 16).weight_bytes
+    with pytest.raises(ValueError, match="query heads"):
+        footprint("qwen2.5-7b", "org", 16, 8)
+
+
+def test_placement_only_uses_tp_sizes_the_heads_split_over(cost):
+    cluster = ClusterSpec(1, 8)
+    with pytest.raises(PlacementError, match="heads do not split") as e:
+        place([ServedModel("q", "qwen2.5-7b", "org", 1.0)], cluster, cost,
+              config=PlacementConfig(tp_choices=(8,)))
+    assert e.value.model == "q"
+    plan = place([ServedModel("q", "qwen2.5-7b", "org", 40.0)], cluster, cost, "spatial")
+    assert {d.tp for d in plan.devices} <= {1, 2, 4}
+
+
+def test_checker_rejects_a_tp_the_heads_do_not_split_over(cost):
+    plan = place([ServedModel("q", "qwen2.5-7b", "org", 1.0)], ClusterSpec(1, 8), cost, "spatial")
+    d0 = plan.devices[0]
+    wide = dataclasses.replace(plan, devices=(dataclasses.replace(d0, gpus=tuple(range(8))),))
+    with pytest.raises(PlanError, match="query heads"):
+        check_plan(wide)
+
+
+def test_cost_geometry_counts_replicated_kv_reads():
+    from fineserve_jax.scheduler.cost.geometry import Geometry
+
+    g = Geometry.from_config(get_model_config("tiny-mistral"))  # 1 KV head
+    assert g.kv_bytes_per_token("int8", 2) == 2 * g.kv_bytes_per_token("int8")
+    g70 = Geometry.from_config(get_model_config("llama-3.1-70b"))  # 8 KV heads
+    assert g70.kv_bytes_per_token("int8", 8) == g70.kv_bytes_per_token("int8")

@@ -59,7 +59,7 @@ def device_tpot(plan: PlacementPlan, cost, lengths: Mapping[str, Tuple[float, fl
         profs = []
         for m in d.models:
             p, o = lengths.get(m.name, default_lengths)
-            fp = footprint(m.config, m.preset, plan.tokens_per_block)
+            fp = footprint(m.config, m.preset, plan.tokens_per_block, d.tp)
             profs.append(profile_model(cost, m.name, m.config, m.preset, d.tp, m.rate, p, o, m.slo_ttft_s,
                                        fp.kv_bytes_per_token, m.weight_bytes, m.min_kv_bytes))
         tau = estimate_device(profs, d.kv_arena_bytes).tpot_s

@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fineserve_jax.formats import KVFormat
+from fineserve_jax.formats.kv_split import KVSplit, kv_split  # noqa: F401 (re-exported)
 from models.config import ModelConfig
 
 AXIS = "tp"
@@ -124,42 +125,6 @@ def first_devices(n: int) -> List[jax.Device]:
 
 
 # --- KV heads ---------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class KVSplit:
-    """How a model's KV heads spread over `tp` devices.
-
-    local_heads: KV heads in each device's part of the arena; replication: how many devices
-    hold the same KV head (1 = split, no copy). With fewer KV heads than devices each KV head
-    is replicated on `tp / num_kv_heads` devices, as vLLM does, so every device still holds
-    exactly the KV head its query heads read.
-    """
-
-    tp: int
-    num_heads: int
-    num_kv_heads: int
-    local_heads: int
-    replication: int
-
-    @property
-    def sharded(self) -> bool:
-        """True when each device holds a distinct slice of the KV heads."""
-        return self.replication == 1 and self.tp > 1
-
-
-def kv_split(num_heads: int, num_kv_heads: int, tp: int) -> KVSplit:
-    if tp == 1:
-        return KVSplit(1, num_heads, num_kv_heads, num_kv_heads, 1)
-    if num_heads % tp:
-        raise ValueError(f"tensor parallelism {tp} needs the query heads ({num_heads}) to split "
-                         f"evenly over the devices")
-    if num_kv_heads % tp == 0:
-        return KVSplit(tp, num_heads, num_kv_heads, num_kv_heads // tp, 1)
-    if tp % num_kv_heads == 0:
-        return KVSplit(tp, num_heads, num_kv_heads, 1, tp // num_kv_heads)
-    raise ValueError(f"tensor parallelism {tp} with {num_kv_heads} KV heads: need KV heads "
-                     f"divisible by tp (split) or tp divisible by KV heads (replicated)")
-
 
 def local_kv_format(fmt: KVFormat, split: KVSplit) -> KVFormat:
     """The block layout one device stores: its `local_heads` KV heads of every layer."""

@@ -4,6 +4,7 @@
   kv_layout.py   word offsets inside a block (ints or jnp arrays)
   kv_codec.py    quantize/dequantize KV rows to/from the block's packed words (jnp)
   kv_rotation.py the Hadamard rotation int4 KV rows are stored in (jnp)
+  kv_split.py    how a model's KV heads spread over a tensor-parallel group (pure Python)
   int4_pack.py   two uint4 weight codes per byte (jnp)
   precision.py   precision presets (`org`, `fp8`, `fp8_kv8`, `awq`, `qoq`, `int8`, `int8_kv8`)
 

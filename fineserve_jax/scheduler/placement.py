@@ -44,7 +44,7 @@ import itertools
 import math
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from fineserve_jax.scheduler.footprint import GiB, footprint
+from fineserve_jax.scheduler.footprint import GiB, Footprint, footprint, tp_fits
 from fineserve_jax.scheduler.load_estimate import (
     DeviceEstimate,
     ModelProfile,
@@ -132,8 +132,6 @@ class _Facts:
             raise ValueError("nothing to place: no models")
         self.models = {m.name: m for m in models}
         self.cluster, self.cost, self.cfg = cluster, cost, cfg
-        self.fp = {m.name: footprint(m.config, m.preset, cfg.tokens_per_block) for m in models}
-        self.min_kv = {n: f.min_kv_bytes(cfg.max_model_len) for n, f in self.fp.items()}
         self.base_tp = {m.name: self._base_tp(m) for m in models}
         self.slo = {m.name: (m.slo_ttft_s if m.slo_ttft_s is not None else
                              cost.default_slo_ttft(m.config, m.preset, self.base_tp[m.name],
@@ -141,17 +139,41 @@ class _Facts:
                     for m in models}
         self._prof: Dict[Tuple[str, int], ModelProfile] = {}
 
+    def fp(self, name: str, tp: int) -> Footprint:
+        """The model's footprint on a group of `tp` GPUs (replicated KV heads counted)."""
+        m = self.models[name]
+        return footprint(m.config, m.preset, self.cfg.tokens_per_block, tp)
+
+    def min_kv(self, name: str, tp: int) -> int:
+        return self.fp(name, tp).min_kv_bytes(self.cfg.max_model_len)
+
+    def need(self, name: str, tp: int) -> int:
+        """Weights + minimum KV bytes of the model on a group of `tp` GPUs."""
+        return self.fp(name, tp).weight_bytes + self.min_kv(name, tp)
+
+    def tps(self, name: str) -> List[int]:
+        """The TP sizes the model may run with: in `tp_choices`, within a node, and splitting
+        its heads (`formats.kv_split`)."""
+        return sorted(t for t in self.cfg.tp_choices if t <= self.cluster.gpus_per_node
+                      and tp_fits(self.models[name].config, t))
+
     def _base_tp(self, m: ServedModel) -> int:
-        need = self.fp[m.name].weight_bytes + self.min_kv[m.name]
-        tps = sorted(t for t in self.cfg.tp_choices if t <= self.cluster.gpus_per_node)
+        tps = self.tps(m.name)
+        if not tps:
+            raise PlacementError(
+                f"model {m.name!r} ({m.config}) cannot run with any TP size in "
+                f"{tuple(self.cfg.tp_choices)} within {self.cluster.gpus_per_node}-GPU nodes: "
+                f"its heads do not split over them", m.name)
         for t in tps:
-            if need <= device_capacity_bytes(self.cluster, t):
+            if self.need(m.name, t) <= device_capacity_bytes(self.cluster, t):
                 return t
-        biggest = tps[-1] if tps else 0
+        biggest = tps[-1]
+        fp = self.fp(m.name, biggest)
         raise PlacementError(
             f"model {m.name!r} ({m.config}/{m.preset}) does not fit: weights "
-            f"{self.fp[m.name].weight_bytes / GiB:.1f} GiB + minimum KV {self.min_kv[m.name] / GiB:.2f} GiB "
-            f"(one {self.fp[m.name].max_len(self.cfg.max_model_len)}-token sequence) = {need / GiB:.1f} GiB "
+            f"{fp.weight_bytes / GiB:.1f} GiB + minimum KV {self.min_kv(m.name, biggest) / GiB:.2f} GiB "
+            f"(one {fp.max_len(self.cfg.max_model_len)}-token sequence) = "
+            f"{self.need(m.name, biggest) / GiB:.1f} GiB "
             f"> {device_capacity_bytes(self.cluster, biggest) / GiB:.1f} GiB usable on the largest TP group "
             f"({biggest} x {self.cluster.usable_bytes_per_gpu / GiB:.1f} GiB)", m.name)
 
@@ -160,8 +182,8 @@ class _Facts:
         if p is None:
             m = self.models[name]
             p = profile_model(self.cost, name, m.config, m.preset, tp, m.rate, m.prompt_len,
-                              m.output_len, self.slo[name], self.fp[name].kv_bytes_per_token,
-                              self.fp[name].weight_bytes, self.min_kv[name])
+                              m.output_len, self.slo[name], self.fp(name, tp).kv_bytes_per_token,
+                              self.fp(name, tp).weight_bytes, self.min_kv(name, tp))
             self._prof[(name, tp)] = p
         return p if p.rate == rate else p.with_rate(rate)
 
@@ -175,8 +197,7 @@ class _Facts:
         out = []
         for name, m in self.models.items():
             best, fallback = None, None
-            for tp in sorted(t for t in self.cfg.tp_choices
-                             if self.base_tp[name] <= t <= self.cluster.gpus_per_node):
+            for tp in (t for t in self.tps(name) if t >= self.base_tp[name]):
                 work = self.profile(name, tp, m.rate).work_s
                 n = max(1, math.ceil(m.rate * work / self.cfg.target_load - 1e-9))
                 if tp * n <= self.cluster.num_gpus:
@@ -209,14 +230,15 @@ class _Dev:
 
     def used_bytes(self, extra: Optional[_Copy] = None) -> int:
         cs = self.copies + ([extra] if extra else [])
-        return sum(self.facts.fp[c.model.name].weight_bytes + self.facts.min_kv[c.model.name] for c in cs)
+        return sum(self.facts.need(c.model.name, self.tp) for c in cs)
 
     def arena_bytes(self, extra: Optional[_Copy] = None) -> int:
         cs = self.copies + ([extra] if extra else [])
-        return self.capacity - sum(self.facts.fp[c.model.name].weight_bytes for c in cs)
+        return self.capacity - sum(self.facts.fp(c.model.name, self.tp).weight_bytes for c in cs)
 
     def can_take(self, c: _Copy) -> bool:
         return (self.tp >= c.min_tp and c.model.name not in self.names
+                and self.tp in self.facts.tps(c.model.name)
                 and self.used_bytes(c) <= self.capacity)
 
     def profiles(self, extra: Optional[_Copy] = None) -> List[ModelProfile]:
@@ -286,7 +308,7 @@ def _objective(policy: str, devs: List[_Dev]) -> tuple:
 
 _POLICY: Dict[str, Tuple[Callable, Callable]] = {
     "fineserve": (lambda c, f: -_order_fineserve(c, f), _score_fineserve),
-    "muxserve": (lambda c, f: -c.rate * f.fp[c.model.name].weight_bytes, _score_muxserve),
+    "muxserve": (lambda c, f: -c.rate * f.fp(c.model.name, c.min_tp).weight_bytes, _score_muxserve),
     "prism": (lambda c, f: -(c.rate / c.slo if c.slo else 0.0), _score_prism),
 }
 
@@ -450,7 +472,7 @@ def _spatial(copies: List[_Copy], facts: _Facts, cluster: ClusterSpec) -> List[_
         if not wide:
             break
         c = max(wide, key=lambda c: (c.min_tp, c.model.name))
-        c.min_tp //= 2
+        c.min_tp = max(t for t in facts.tps(c.model.name) if t < c.min_tp)  # base_tp is one
     allocate = _aligned_slots(cluster)
     devs: List[_Dev] = []
     for c in sorted((c for v in by_model.values() for c in v), key=lambda c: (-c.min_tp, c.model.name)):
@@ -497,8 +519,8 @@ def _to_plan(policy: str, devs: List[_Dev], facts: _Facts, cluster: ClusterSpec,
         parts = split_partitions(profs, arena, est.kv_demand_bytes)
         models = tuple(PlacedModel(
             name=c.model.name, config=c.model.config, preset=c.model.preset, rate=c.rate,
-            slo_ttft_s=facts.slo[c.model.name], weight_bytes=facts.fp[c.model.name].weight_bytes,
-            min_kv_bytes=facts.min_kv[c.model.name], kv_partition_bytes=parts[c.model.name])
+            slo_ttft_s=facts.slo[c.model.name], weight_bytes=facts.fp(c.model.name, d.tp).weight_bytes,
+            min_kv_bytes=facts.min_kv(c.model.name, d.tp), kv_partition_bytes=parts[c.model.name])
             for c in d.copies)
         devices.append(DevicePlan(i, d.gpus, models, arena))
         per_dev[str(i)] = est.to_dict()
@@ -552,7 +574,7 @@ def place(models: Sequence[ServedModel], cluster: ClusterSpec, cost, policy: str
     if not found:
         placed, name, partition = worst_fail
         m = facts.models[name]
-        total = sum(facts.fp[n].weight_bytes + facts.min_kv[n] for n in facts.models)
+        total = sum(facts.need(n, facts.base_tp[n]) for n in facts.models)
         raise PlacementError(
             f"{policy} placement: model {name!r} ({m.config}/{m.preset}) fits on no device in any "
             f"of {n_eval} TP-group partitions (best partition {partition} placed {placed} copies "

@@ -21,8 +21,11 @@ Memory rule (checked by `check_plan`): on every device,
     sum(weight_bytes) + sum(min_kv_bytes) <= tp x usable bytes per GPU
     sum(min_kv_bytes) <= kv_arena_bytes <= tp x usable - sum(weight_bytes)
 where usable = gpu_memory_bytes x memory_utilization (the rest is activations, workspace and
-the CUDA context, like vLLM's gpu_memory_utilization). Sums are whole-model bytes; TP shards
-weights and KV heads evenly, so this is the per-GPU rule multiplied by tp.
+the CUDA context, like vLLM's gpu_memory_utilization). Sums are the TP group's bytes
+(`footprint.footprint(..., tp)`: weights and KV heads sharded evenly, KV heads replicated when
+the group has more GPUs than the model has KV heads, and those copies counted), so this is the
+per-GPU rule multiplied by tp. A model whose heads do not split over its device's tp is an
+error.
 `kv_partition_bytes` is the per-model split a static-partition system would use (baselines);
 with the KV slab the models share the whole arena.
 """
@@ -272,7 +275,7 @@ def check_plan(plan: PlacementPlan, *, check_footprints: bool = True) -> None:
                 problems.append(f"{where}: model {m.name!r} has rate {m.rate!r}")
             if check_footprints:
                 try:
-                    fp = footprint(m.config, m.preset, plan.tokens_per_block)
+                    fp = footprint(m.config, m.preset, plan.tokens_per_block, d.tp)
                 except ValueError as e:
                     problems.append(f"{where}: model {m.name!r}: {e}")
                     continue

@@ -68,7 +68,7 @@ class DeviceSim:
                  tokens_per_block: int = 16, max_model_len: int = 4096):
         self.device = device
         self.config = config
-        fps = {m.name: footprint(m.config, m.preset, tokens_per_block) for m in device.models}
+        fps = {m.name: footprint(m.config, m.preset, tokens_per_block, device.tp) for m in device.models}
         self.presets = {m.name: m.preset for m in device.models}
         limits = ModelLimits(config.max_prefill_tokens, config.max_prefill_seqs, config.max_decode_seqs)
         entries = {n: ModelEntry(n, self.presets[n], f.block_bytes, tokens_per_block, limits,

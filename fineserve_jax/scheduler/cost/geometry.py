@@ -6,7 +6,8 @@ Each step-time coefficient stands for a physical quantity (per GPU of a tp group
     b, e  GEMM FLOPs per token / (tp x activation speed)   (2 x linear params; `ACT_SPEED`:
           fp8/int8 activations count as 2x faster than bf16)
     c     attention FLOPs per token pair / tp    (4 x layers x heads x head_dim)
-    f     KV bytes per token / tp  (formats.KVFormat.bytes_per_token of the preset's KV dtype)
+    f     KV bytes per token / tp  (formats.KVFormat.bytes_per_token of the preset's KV dtype;
+          replicated KV heads counted when tp exceeds the KV heads)
 so a coefficient moves between two (model, preset, tp) as the ratio of its quantity, and
 `roofline_coefs` builds all six from the quantities and a `Hardware` alone.
 """
@@ -61,11 +62,14 @@ class Geometry:
         # Linear layers in the preset's weight format; the LM head stays bf16.
         return self.linear_params * WEIGHT_BYTES[weights] + 2.0 * self.vocab_size * self.hidden_size
 
-    def kv_bytes_per_token(self, kv: str) -> float:
+    def kv_bytes_per_token(self, kv: str, tp: int = 1) -> float:
+        """KV bytes one token stores over a group of `tp` GPUs: with fewer KV heads than GPUs
+        each head is replicated (`formats.kv_split`), so the group stores `tp` head rows."""
+        heads = self.num_kv_heads * (tp // self.num_kv_heads if tp > self.num_kv_heads else 1)
         try:
-            return float(KVFormat(self.num_layers, self.num_kv_heads, self.head_dim, kv).bytes_per_token)
+            return float(KVFormat(self.num_layers, heads, self.head_dim, kv).bytes_per_token)
         except ValueError:
-            return self.num_layers * 2 * self.num_kv_heads * self.head_dim * KV_BITS[kv] / 8.0
+            return self.num_layers * 2 * heads * self.head_dim * KV_BITS[kv] / 8.0
 
     def gemm_flops_per_token(self) -> float:
         return 2.0 * self.linear_params
@@ -141,6 +145,6 @@ def roofline_coefs(geom: Geometry, preset: str, tp: int, hw: Hardware) -> Tuple[
     w = geom.weight_bytes(p.weights) / tp / hw.eff_bw
     gemm = geom.gemm_flops_per_token() / tp / (hw.eff_flops * speed)
     attn = geom.attn_flops_per_pair() / tp / hw.eff_flops
-    kv = geom.kv_bytes_per_token(p.kv) / tp / hw.eff_bw
+    kv = geom.kv_bytes_per_token(p.kv, tp) / tp / hw.eff_bw
     return (np.array([hw.prefill_overhead_s + w, gemm, attn]),
             np.array([hw.decode_overhead_s + w, gemm, kv]))

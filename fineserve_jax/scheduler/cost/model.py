@@ -365,7 +365,7 @@ def _scale_coefs(src: GroupFit, sgeom: Geometry, tgeom: Geometry, preset: str, t
     r_gemm = (tgeom.gemm_flops_per_token() / ACT_SPEED.get(tp_.activations, 1.0)) / (
         sgeom.gemm_flops_per_token() / ACT_SPEED.get(sp.activations, 1.0)) * tpr
     r_attn = tgeom.attn_flops_per_pair() / sgeom.attn_flops_per_pair() * tpr
-    r_kv = tgeom.kv_bytes_per_token(tp_.kv) / sgeom.kv_bytes_per_token(sp.kv) * tpr
+    r_kv = tgeom.kv_bytes_per_token(tp_.kv, tp) / sgeom.kv_bytes_per_token(sp.kv, src.tp) * tpr
     pc = src.prefill_coef * np.array([r_w, r_gemm, r_attn])
     dc = src.decode_coef * np.array([r_w, r_gemm, r_kv])
     return pc, dc, {"weights": r_w, "gemm": r_gemm, "attn": r_attn, "kv": r_kv}
