@@ -225,8 +225,8 @@ def test_footprint_counts_kv_heads_replicated_over_a_wider_group():
         assert fp.min_kv_bytes(64) == tp * one.min_kv_bytes(64)
         assert fp.weight_bytes > one.weight_bytes
     # split, not replicated: the group holds exactly the model's bytes
-    assert footprint("llama-3.1-70b", "fp8_kv8", 16, 8).block_bytes == footprint("llama-3.1-70b", "fp8_kv8", 16).block_bytes
-    assert footprint("llama-3.1-70b", "fp8_kv8", 16, 8).weight_bytes == footprint("llama-3.1-70b", "fp8_kv8", 16).weight_bytes
+    wide, narrow = footprint("llama-3.1-70b", "fp8_kv8", 16, 8), footprint("llama-3.1-70b", "fp8_kv8", 16)
+    assert (wide.block_bytes, wide.weight_bytes) == (narrow.block_bytes, narrow.weight_bytes)
     with pytest.raises(ValueError, match="query heads"):
         footprint("qwen2.5-7b", "org", 16, 8)
 

@@ -2,10 +2,10 @@
 
 Per layer: write the new tokens' K/V into their blocks (quantized per the model's KV
 format), then attend over the format's typed view of the arena. Formats that store rotated
-rows (int4, `formats.kv_rotation`) get q/k/v rotated before and the output rotated back. The view is the *cache
-value* the decoder's layer scan carries: it comes in as an argument and goes out as the
-result of every layer, so the arena flows through the step as data. The backend object
-holds only static configuration and the step's read-only inputs.
+rows (int4, `formats.kv_rotation`) get q/k/v rotated before and the output rotated back.
+The view is the *cache value* the decoder's layer scan carries: it comes in as an argument
+and goes out as the result of every layer, so the arena flows through the step as data. The
+backend object holds only static configuration and the step's read-only inputs.
 
 With tensor parallelism (a `DeviceGroup` of tp > 1 devices) the write and the attention run
 under `shard_map`: each device sees its rows of the arena view (its KV heads of every block,

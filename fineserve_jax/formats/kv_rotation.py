@@ -19,8 +19,9 @@ matmul: elementwise arithmetic of one row only, so a row's result does not depen
 many rows share the step by construction (a GEMM's summation order may follow the batch
 shape; see the batch-invariance tests). A constant [D, D] matmul compiles faster still (the
 serve job's cold start: 34.3 s vs 36.4 s with this form, 38.1 s with slice-and-stack stages)
-and was row-invariant when measured on CPU, but nothing guarantees that on every backend. head_dim that is not a power of two is rotated in blocks of its
-largest power-of-two divisor (block-diagonal H, still orthonormal and symmetric).
+and was row-invariant when measured on CPU, but nothing guarantees that on every backend.
+head_dim that is not a power of two is rotated in blocks of its largest power-of-two divisor
+(block-diagonal H, still orthonormal and symmetric).
 """
 
 from __future__ import annotations
