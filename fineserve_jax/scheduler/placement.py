@@ -132,6 +132,10 @@ class _Facts:
             raise ValueError("nothing to place: no models")
         self.models = {m.name: m for m in models}
         self.cluster, self.cost, self.cfg = cluster, cost, cfg
+        # TP sizes each model may run with: in `tp_choices`, within a node, splitting its heads
+        # (`formats.kv_split`); asked by every `can_take` of the search, so computed once
+        self.tps = {m.name: sorted(t for t in cfg.tp_choices if t <= cluster.gpus_per_node
+                                   and tp_fits(m.config, t)) for m in models}
         self.base_tp = {m.name: self._base_tp(m) for m in models}
         self.slo = {m.name: (m.slo_ttft_s if m.slo_ttft_s is not None else
                              cost.default_slo_ttft(m.config, m.preset, self.base_tp[m.name],
@@ -151,14 +155,8 @@ class _Facts:
         """Weights + minimum KV bytes of the model on a group of `tp` GPUs."""
         return self.fp(name, tp).weight_bytes + self.min_kv(name, tp)
 
-    def tps(self, name: str) -> List[int]:
-        """The TP sizes the model may run with: in `tp_choices`, within a node, and splitting
-        its heads (`formats.kv_split`)."""
-        return sorted(t for t in self.cfg.tp_choices if t <= self.cluster.gpus_per_node
-                      and tp_fits(self.models[name].config, t))
-
     def _base_tp(self, m: ServedModel) -> int:
-        tps = self.tps(m.name)
+        tps = self.tps[m.name]
         if not tps:
             raise PlacementError(
                 f"model {m.name!r} ({m.config}) cannot run with any TP size in "
@@ -197,7 +195,7 @@ class _Facts:
         out = []
         for name, m in self.models.items():
             best, fallback = None, None
-            for tp in (t for t in self.tps(name) if t >= self.base_tp[name]):
+            for tp in (t for t in self.tps[name] if t >= self.base_tp[name]):
                 work = self.profile(name, tp, m.rate).work_s
                 n = max(1, math.ceil(m.rate * work / self.cfg.target_load - 1e-9))
                 if tp * n <= self.cluster.num_gpus:
@@ -238,7 +236,7 @@ class _Dev:
 
     def can_take(self, c: _Copy) -> bool:
         return (self.tp >= c.min_tp and c.model.name not in self.names
-                and self.tp in self.facts.tps(c.model.name)
+                and self.tp in self.facts.tps[c.model.name]
                 and self.used_bytes(c) <= self.capacity)
 
     def profiles(self, extra: Optional[_Copy] = None) -> List[ModelProfile]:
@@ -472,7 +470,7 @@ def _spatial(copies: List[_Copy], facts: _Facts, cluster: ClusterSpec) -> List[_
         if not wide:
             break
         c = max(wide, key=lambda c: (c.min_tp, c.model.name))
-        c.min_tp = max(t for t in facts.tps(c.model.name) if t < c.min_tp)  # base_tp is one
+        c.min_tp = max(t for t in facts.tps[c.model.name] if t < c.min_tp)  # base_tp is one
     allocate = _aligned_slots(cluster)
     devs: List[_Dev] = []
     for c in sorted((c for v in by_model.values() for c in v), key=lambda c: (-c.min_tp, c.model.name)):

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Tuple
 import numpy as np
 
 from fineserve_jax.formats import KV_BITS, PRESETS, KVFormat, get_preset
+from fineserve_jax.formats.kv_split import kv_split
 from fineserve_jax.scheduler.cost.profiles import canonical_model_name
 from fineserve_jax.scheduler.footprint import WEIGHT_BYTES  # one bytes-per-weight table
 
@@ -65,7 +66,7 @@ class Geometry:
     def kv_bytes_per_token(self, kv: str, tp: int = 1) -> float:
         """KV bytes one token stores over a group of `tp` GPUs: with fewer KV heads than GPUs
         each head is replicated (`formats.kv_split`), so the group stores `tp` head rows."""
-        heads = self.num_kv_heads * (tp // self.num_kv_heads if tp > self.num_kv_heads else 1)
+        heads = kv_split(self.num_heads, self.num_kv_heads, tp).stored_heads
         try:
             return float(KVFormat(self.num_layers, heads, self.head_dim, kv).bytes_per_token)
         except ValueError:
