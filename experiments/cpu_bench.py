@@ -5,10 +5,19 @@
 
 Model: SmolLM2-135M-Instruct (the GGUF from `fineserve_jax.real_models`, float32), loaded by
 both stacks from the same file. Prompts: natural-text snippets cut to 24-48 tokens (seeded).
-Each side generates exactly `--new_tokens` tokens per prompt, greedily (EOS ignored):
-transformers with one padded `generate` call over all prompts, the engine with `LLM.generate`
-(continuous batching). Both are timed after a warm-up call; tokens/s = generated tokens / wall
-time of the call. Start-up is measured separately in fresh processes: cold (empty compilation
+Scenarios (`--scenarios`):
+- `fixed` (the issue's measurement): every prompt asks for exactly `--new_tokens` tokens,
+  greedily (EOS ignored): transformers with one padded `generate` call over all prompts, the
+  engine with `LLM.generate` (continuous batching). Both do the same work per token here, so
+  this compares the two stacks' per-step speed; continuous batching has nothing to win.
+- `mixed`: each prompt asks for its own number of tokens, drawn uniformly from
+  [new_tokens / 4, 7 * new_tokens / 4] (seeded; mean `--new_tokens`), as requests of a real
+  workload do. `generate` has one `max_new_tokens` per call, so transformers runs the whole
+  batch to the longest request and a prompt's tokens past its own request are discarded; the
+  engine retires each request when it is done. tokens/s counts the requested tokens only
+  (useful tokens), on both sides.
+Both are timed after a warm-up call; tokens/s = (useful) generated tokens / wall time of the
+call. Start-up is measured separately in fresh processes: cold (empty compilation
 cache folder) and warm (the same folder again), with the engine's own breakdown (load,
 quantize, compile, profile). Prints a table and writes OUTPUT_DIR/cpu_bench.json.
 """
@@ -32,7 +41,9 @@ _NEW = flags.DEFINE_integer("new_tokens", 64, "tokens generated per prompt")
 _REPS = flags.DEFINE_integer("reps", 2, "timed calls per side (median)")
 _STARTUP = flags.DEFINE_boolean("startup", True, "measure cold and warm engine start-up")
 _HF = flags.DEFINE_boolean("transformers", True, "also run transformers (needs the hf extra)")
-_SEED = flags.DEFINE_integer("seed", 0, "prompt seed")
+_SEED = flags.DEFINE_integer("seed", 0, "prompt (and mixed output length) seed")
+_SCENARIOS = flags.DEFINE_list("scenarios", ["fixed", "mixed"], "fixed: every prompt asks for "
+                               "--new_tokens tokens; mixed: each its own count (see the docstring)")
 _OUT = flags.DEFINE_string("output_dir", "runs/cpu_bench", "where to write cpu_bench.json")
 
 TEXT = (
@@ -61,26 +72,42 @@ def make_prompts(tokenizer, n: int, seed: int):
     return out
 
 
-def engine_side(path: str, prompts, new_tokens: int, reps: int):
+SCENARIOS = ("fixed", "mixed")
+
+
+def output_lengths(scenario: str, n: int, new_tokens: int, seed: int):
+    """Tokens each of n prompts asks for in `scenario` (one of SCENARIOS)."""
+    import numpy as np
+
+    if scenario == "fixed":
+        return [new_tokens] * n
+    lo, hi = max(1, new_tokens // 4), max(1, 7 * new_tokens // 4)
+    return [int(x) for x in np.random.default_rng(seed + 1).integers(lo, hi + 1, n)]
+
+
+def engine_side(path: str, prompts, lengths, reps: int):
     from fineserve_jax import LLM, SamplingParams
     from fineserve_jax.core.buckets import Buckets
 
     t0 = time.perf_counter()
     llm = LLM(model=path, quant="org", dtype="float32",
-              max_model_len=max(len(p) for p in prompts) + new_tokens + 8,
+              max_model_len=max(len(p) for p in prompts) + max(lengths) + 8,
               buckets=Buckets(decode_sizes=(1, 2, 4, 8, 16, 32, 64), prefill_sizes=(32, 128, 256),
                               prefill_seqs=8))
     startup = time.perf_counter() - t0
-    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts[:4], sp)  # warm the host path
+    sps = [SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True) for k in lengths]
+    llm.generate(prompts[:4], sps[:4])  # warm the host path
     times, outs = [], None
     for _ in range(reps):
         steps0 = llm.engine.num_steps
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, sp)
+        outs = llm.generate(prompts, sps)
         times.append(time.perf_counter() - t0)
         steps = llm.engine.num_steps - steps0
-    tokens = sum(len(o.token_ids) for o in outs)
+    got = [len(o.token_ids) for o in outs]
+    if got != list(lengths):  # the figure below would count other work than asked for
+        raise RuntimeError(f"the engine generated {got} tokens, asked for {list(lengths)}")
+    tokens = sum(got)
     wall = statistics.median(times)
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": steps,
             "startup_s": startup, "startup": llm.engine.startup,
@@ -89,7 +116,7 @@ def engine_side(path: str, prompts, new_tokens: int, reps: int):
             "_tokens": [o.token_ids for o in outs]}
 
 
-def transformers_side(path: str, prompts, new_tokens: int, reps: int):
+def transformers_side(path: str, prompts, lengths, reps: int):
     import torch
     import transformers
 
@@ -99,8 +126,8 @@ def transformers_side(path: str, prompts, new_tokens: int, reps: int):
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-              pad_token_id=pad)
+    longest = max(lengths)  # one generate call: every row runs to the longest request
+    kw = dict(max_new_tokens=longest, min_new_tokens=longest, do_sample=False, pad_token_id=pad)
     with torch.inference_mode():
         model.generate(ids[:4], attention_mask=mask[:4], **kw)  # warm-up
         times, out = [], None
@@ -108,7 +135,7 @@ def transformers_side(path: str, prompts, new_tokens: int, reps: int):
             t0 = time.perf_counter()
             out = model.generate(ids, attention_mask=mask, **kw)
             times.append(time.perf_counter() - t0)
-    gen = out[:, width:].tolist()
+    gen = [g[:k] for g, k in zip(out[:, width:].tolist(), lengths)]  # each its requested tokens
     tokens = sum(len(g) for g in gen)
     wall = statistics.median(times)
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
@@ -145,6 +172,13 @@ def measure_startup(path: str) -> dict:
 
 def main(argv):
     del argv
+    bad = [x for x in _SCENARIOS.value if x not in SCENARIOS]
+    if bad or not _SCENARIOS.value:
+        raise app.UsageError(f"--scenarios: {bad or 'empty'}; choose from {', '.join(SCENARIOS)}")
+    if not all(x.isdigit() and int(x) >= 1 for x in _NUM.value):
+        raise app.UsageError(f"--num_prompts: positive integers, got {_NUM.value}")
+    if _NEW.value < 1:
+        raise app.UsageError(f"--new_tokens must be >= 1, got {_NEW.value}")
     from fineserve_jax.real_models import smollm2_gguf
     from fineserve_jax.tokenizer import load_tokenizer  # noqa: F401  (the engine's tokenizer)
     from fineserve_jax import load_model
@@ -154,11 +188,14 @@ def main(argv):
     result = {"model": path, "new_tokens": _NEW.value, "runs": {}}
     if _STARTUP.value:
         result["startup"] = measure_startup(path)
-    for n in (int(x) for x in _NUM.value):
+    for scenario, n in ((s, int(x)) for s in _SCENARIOS.value for x in _NUM.value):
         prompts = make_prompts(tok, n, _SEED.value)
-        run = {"engine": engine_side(path, prompts, _NEW.value, _REPS.value)}
+        lengths = output_lengths(scenario, n, _NEW.value, _SEED.value)
+        run = {"scenario": scenario, "prompts": n, "requested_tokens": sum(lengths),
+               "longest_request": max(lengths),
+               "engine": engine_side(path, prompts, lengths, _REPS.value)}
         if _HF.value:
-            run["transformers"] = transformers_side(path, prompts, _NEW.value, _REPS.value)
+            run["transformers"] = transformers_side(path, prompts, lengths, _REPS.value)
             e, t = run["engine"], run["transformers"]
             run["ratio_engine_over_transformers"] = e["tokens_per_s"] / t["tokens_per_s"]
             run["same_tokens"] = e["_tokens"] == t["_tokens"]
@@ -170,12 +207,12 @@ def main(argv):
                      for a, b in zip(e["_tokens"], t["_tokens"])]
             run["prompts_identical"] = sum(a == len(x) for a, x in zip(agree, e["_tokens"]))
             run["mean_tokens_agreeing"] = sum(agree) / len(agree)
-        result["runs"][n] = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")}
+        result["runs"][f"{scenario}/{n}"] = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")}
                                  if isinstance(v, dict) else v) for k, v in run.items()}
-    print(f"{'prompts':>7} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6} {'identical prompts':>18} {'agreeing tokens':>16}")
-    for n, r in result["runs"].items():
+    print(f"{'scenario':>8} {'prompts':>7} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6} {'identical prompts':>18} {'agreeing tokens':>16}")
+    for r in result["runs"].values():
         t = r.get("transformers", {})
-        print(f"{n:>7} {r['engine']['tokens_per_s']:>13.1f} {t.get('tokens_per_s', float('nan')):>19.1f} "
+        print(f"{r['scenario']:>8} {r['prompts']:>7} {r['engine']['tokens_per_s']:>13.1f} {t.get('tokens_per_s', float('nan')):>19.1f} "
               f"{r.get('ratio_engine_over_transformers', float('nan')):>6.2f} {r.get('prompts_identical', '-'):>18} {r.get('mean_tokens_agreeing', float('nan')):>16.1f}")
     for label, s in result.get("startup", {}).items():
         print(f"start-up {label}: {s['startup_s']:.1f} s (load {s['load_s']:.1f}, quantize "

@@ -58,7 +58,8 @@ from fineserve_jax.formats import KVFormat, get_preset
 from fineserve_jax.quant import param_bytes, quantize_model, quantized_structure
 from fineserve_jax.quant.calibration import random_token_ids as default_calibration
 from fineserve_jax.quant.quality import jit_logits as logits
-from fineserve_jax.quant.quality import logit_metrics, perplexity, with_outlier_channels
+from fineserve_jax.quant.quality import (int4_lattice_error, logit_metrics, perplexity,
+                                         with_outlier_channels)
 from models.presets import REAL, TINY
 from models.transformer import Transformer
 
@@ -219,6 +220,7 @@ def evaluate_real(name: str) -> dict:
     from fineserve_jax import load_model
     from fineserve_jax.loader import Model
     from fineserve_jax.quant.calibration import heldout_ids
+    from fineserve_jax.quant.projections import projection_layers
     from fineserve_jax.real_models import smollm2_gguf
 
     base = load_model(smollm2_gguf(), dtype="float32")
@@ -226,7 +228,11 @@ def evaluate_real(name: str) -> dict:
     ids = heldout_ids(tok, FLAGS.ppl_len)
     calib = (None if FLAGS.calibration == "text" else
              default_calibration(cfg.vocab_size, 8, 64, CALIB_SEED))
-    out = {"config": cfg.name, "heldout_tokens": int(ids.size), "presets": {}}
+    out = {"config": cfg.name, "heldout_tokens": int(ids.size), "presets": {},
+           # 0.0: org is itself an int4 g32 model (the GGUF's Q4_1), see print_real
+           "org_int4_g32_lattice_error": max(
+               int4_lattice_error(getattr(parent, attr).kernel[...])
+               for _, parent, attr in projection_layers(base.module))}
     ref = None
     for pre in real_presets():
         t = time.time()
@@ -280,6 +286,12 @@ def print_real(r: dict) -> None:
                   f"{r['presets'][p + '-rtn']['ppl_ratio']:.4f}: "
                   f"{100 * r[p + '_gain_vs_rtn']:.0f}% closer to 1")
     print("checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in r["checks"].items()))
+    err = r.get("org_int4_g32_lattice_error")
+    if err is not None:
+        print(f"org's linear weights vs an int4 g32 float-minimum lattice (llama.cpp Q4_1): "
+              f"largest relative error {err:.1e}" + (
+                  " -- org is itself a 4-bit model, so the int4 rows measure re-quantization "
+                  "of that lattice to coarser groups, not of float weights" if err < 1e-6 else ""))
     print("\ngreedy continuations (each prompt alone, through LLM.generate):")
     for i, prompt in enumerate(FLAGS.prompts):
         print(f"  {prompt!r}")

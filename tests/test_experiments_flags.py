@@ -128,6 +128,9 @@ def run_script(module, *args, ok=True):
     ("experiments.simulate", ["--max_model_len=-1"], "--max_model_len"),
     ("experiments.placement", ["--slo_scale=nan"], "--slo_scale"),
     ("experiments.paper_figures", ["--quick", "--systems=fineserve,vllm"], "--systems"),
+    ("experiments.cpu_bench", ["--scenarios=fixed,mixd"], "--scenarios"),
+    ("experiments.cpu_bench", ["--num_prompts=32,0"], "--num_prompts"),
+    ("experiments.cpu_bench", ["--new_tokens=0"], "--new_tokens"),
 ])
 def test_scripts_check_flags_before_any_work(tmp_path, module, args, flag):
     out = tmp_path / "out"

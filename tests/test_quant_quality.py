@@ -21,7 +21,8 @@ from fineserve_jax.formats import get_preset
 from fineserve_jax.quant import quantize_model
 from fineserve_jax.quant.awq import search_act_scale
 from fineserve_jax.quant.calibration import random_token_ids
-from fineserve_jax.quant.quality import jit_logits, logit_metrics, with_outlier_channels
+from fineserve_jax.quant.quality import (int4_lattice_error, jit_logits, logit_metrics,
+                                         with_outlier_channels)
 from fineserve_jax.tokenizer import ByteTokenizer
 from models import quant_linear as ql
 from models.presets import TINY
@@ -120,6 +121,29 @@ def test_outliers_through_every_preset_stay_finite(dtype):
     for preset in ("fp8", "int8", "awq", "qoq"):
         logits = jit_logits(quantize_model(base, preset, calibration=ids), ids)
         assert np.isfinite(logits).all(), preset
+
+
+def test_int4_lattice_error_tells_q4_1_weights_from_float_weights():
+    """Weights built as Q4_1 dequantizes them (float16 min + q * float16 step, q in 0..15, per
+    32 input rows; both ends of each group used) are exactly on the lattice; float weights
+    are not; moving one lattice weight by half a step is seen, and so is a check with
+    coarser groups than the weights were built with."""
+    rng = np.random.default_rng(0)
+    shape = (3, 96 // 32, 32, 40)  # [layers, groups, group, out]
+    q = rng.integers(0, 16, shape).astype(np.float32)
+    q[:, :, 0], q[:, :, 1] = 0, 15  # every group spans the full code range, as Q4_1's
+    # Q4_1 stores the minimum and the step as float16
+    lo = rng.normal(size=(3, 3, 1, 40)).astype(np.float16).astype(np.float32)
+    step = rng.uniform(0.01, 0.1, (3, 3, 1, 40)).astype(np.float16).astype(np.float32)
+    w = (q * step + lo).reshape(3, 96, 40)
+    assert int4_lattice_error(w) == 0.0
+    assert int4_lattice_error(rng.normal(size=(96, 40))) > 1e-3
+    moved = w.copy()
+    moved[1, 50, 7] += 0.5 * step[1, 1, 0, 7]
+    assert int4_lattice_error(moved) > 1e-3
+    assert int4_lattice_error(w, group=96) > 1e-3  # coarser groups than it was built with
+    with pytest.raises(ValueError, match="multiple of 32"):
+        int4_lattice_error(np.zeros((40, 8)))
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fineserve_jax.engine.sampling import sample_tokens
+from fineserve_jax.engine.sampling import greedy_tokens, sample_tokens
 
 # Compiled once per shape, as inside the engine's step (eager calls would trace its
 # lax.cond anew on every call).
@@ -23,6 +23,46 @@ def _call(logits, temperature, top_k=0, top_p=1.0, seeds=None, steps=None):
 def test_greedy_is_argmax():
     logits = np.random.default_rng(0).normal(size=(5, 50))
     np.testing.assert_array_equal(_call(logits, 0.0), logits.argmax(-1))
+
+
+def _greedy_cases():
+    """Rows that separate argmax's exact semantics: ties (first index wins), NaN (first NaN
+    wins), all -inf, +inf, a maximum in the last column, and a wide random block."""
+    nan, inf = np.nan, np.inf
+    rows = [[1.0, 3.0, 3.0, 2.0, 0.0], [0.0, nan, 5.0, nan, 1.0], [-inf] * 5,
+            [1.0, inf, 2.0, inf, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0], [7.0, 7.0, 7.0, 7.0, 7.0],
+            [-1e30, -3e38, -1e30, 0.0, -0.0]]
+    wide = np.random.default_rng(3).normal(size=(9, 49152)).astype(np.float32)
+    wide[4, [5, 40000]] = 9.0  # a tie far apart
+    return np.asarray(rows, np.float32), wide
+
+
+def test_greedy_tokens_matches_argmax_exactly():
+    small, wide = _greedy_cases()
+    fn = jax.jit(greedy_tokens)
+    for logits in (small, wide):
+        np.testing.assert_array_equal(np.asarray(fn(jnp.asarray(logits))),
+                                      np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+    np.testing.assert_array_equal(_call(small, 0.0), np.asarray(jnp.argmax(small, axis=-1)))
+
+
+def test_greedy_tokens_mutations_are_caught():
+    """The test cases above must reject the plausible wrong versions: the last tie instead
+    of the first, and NaN rows ignored."""
+    small, _ = _greedy_cases()
+    want = np.asarray(jnp.argmax(jnp.asarray(small), axis=-1))
+    v = small.shape[-1]
+
+    def last_tie(x):
+        top = jnp.max(x, axis=-1, keepdims=True)
+        return jnp.max(jnp.where((x == top) | jnp.isnan(x), jnp.arange(v), -1), axis=-1)
+
+    def nan_blind(x):
+        top = jnp.max(x, axis=-1, keepdims=True)
+        return jnp.min(jnp.where(x == top, jnp.arange(v), v), axis=-1)
+
+    for wrong in (last_tie, nan_blind):
+        assert (np.asarray(jax.jit(wrong)(jnp.asarray(small))) != want).any(), wrong.__name__
 
 
 def test_top_k_one_is_greedy_and_top_k_restricts_support():

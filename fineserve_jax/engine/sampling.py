@@ -14,12 +14,26 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps):
     generated: the key is fold_in(PRNGKey(seed), step), so a row's draw never depends on
     the other rows of the batch). Returns [R] int32.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
     # The vocabulary sort only runs when some row samples (a full sort of a 128k vocabulary
     # per step is not free on a GPU).
     return jax.lax.cond(jnp.any(temperature > 0),
                         lambda: _sample(logits, greedy, temperature, top_k, top_p, seeds, steps),
                         lambda: greedy)
+
+
+def greedy_tokens(logits):
+    """argmax over the last axis: [R, V] -> [R] int32, first index of the maximum (of the
+    first NaN where a row has one), as `jnp.argmax`.
+
+    A max reduction and a min over the matching indices instead of `jnp.argmax`: XLA's CPU
+    backend runs argmax as a (value, index) pair reduction that does not vectorize, 3.5x
+    slower on SmolLM2's [32, 49152] logits (4.3 vs 1.2 ms, a few % of a decode step).
+    """
+    v = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN where the row has one
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
 def _sample(logits, greedy, temperature, top_k, top_p, seeds, steps):

@@ -53,6 +53,25 @@ def perplexity(logits: np.ndarray, token_ids: np.ndarray) -> float:
     return float(np.exp(nll.mean()))
 
 
+def int4_lattice_error(kernel, group: int = 32) -> float:
+    """How far a kernel `[..., in, out]` is from llama.cpp's Q4_1 lattice: the largest
+    |w - RTN(w)| / max |w| of int4 asymmetric round-to-nearest with a float minimum and step
+    per `group` consecutive input rows (the float32 arithmetic of a Q4_1 dequantization).
+
+    0.0 means every weight already lies on such a lattice (exactly when, as in Q4_1, the
+    minimum and step are float16 numbers): the model was dequantized from a 4-bit GGUF, so an int4 format with these groups reproduces it exactly and any other int4
+    format re-quantizes a 4-bit model (which is what the quality report then measures)."""
+    w = np.asarray(kernel, np.float32)
+    if w.ndim < 2 or w.shape[-2] % group:
+        raise ValueError(f"kernel {w.shape}: the input dim (-2) must be a multiple of {group}")
+    g = w.reshape(*w.shape[:-2], w.shape[-2] // group, group, w.shape[-1])
+    lo, hi = g.min(axis=-2, keepdims=True), g.max(axis=-2, keepdims=True)
+    step = np.where(hi > lo, (hi - lo) / np.float32(15), np.float32(1))
+    back = np.clip(np.round((g - lo) / step), 0, 15) * step + lo
+    top = float(np.abs(w).max())
+    return float(np.abs(back - g).max()) / top if top > 0 else 0.0
+
+
 def jit_logits(module, token_ids) -> np.ndarray:
     """float32 logits [B, T, vocab] of a jitted full causal forward of `module`."""
     graphdef, state = nnx.split(module)
