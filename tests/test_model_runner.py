@@ -112,3 +112,36 @@ def test_one_compiled_layer_body_whatever_the_depth():
                                    np.asarray(module.full_forward(ids)), rtol=2e-5, atol=2e-5)
     assert counts[2] == counts[5] > 0
     assert unrolled[5] > unrolled[2]
+
+
+def test_profiles_are_reused_and_single_runs_kept_apart(monkeypatch):
+    """Bucket profiling measures only what no earlier start of the same steps measured: a
+    second single-run start (`profile_reps=0`, as `LLM`) reuses the first's runs; an engine
+    that asks for a real profile (`profile_reps=1`) is never handed those single runs, and
+    its own profile then serves everyone. Serving after a start that ran no step still
+    compiles nothing. (In-memory store only: no profiles.json is written.)"""
+    from fineserve_jax import SamplingParams
+    from fineserve_jax.core.request import Request
+    from fineserve_jax.engine import step_cache
+    from fineserve_jax.engine.device_engine import Engine
+
+    monkeypatch.setattr(step_cache, "_PROFILES", {})
+    monkeypatch.setattr(step_cache, "_cache_dir", None)
+
+    def start(reps):
+        eng = Engine([("m", "tiny-llama", "org")], tokens_per_block=4, max_model_len=16,
+                     buckets=BUCKETS, profile_reps=reps, arena_bytes=1 << 20,
+                     compilation_cache_dir=None)
+        s = eng.startup
+        return eng, s["steps_profiled"], s["steps_profile_reused"]
+
+    n = len(list(BUCKETS.decode_sizes)) + len(list(BUCKETS.prefill_sizes))
+    assert start(0)[1:] == (n, 0)
+    eng, measured, reused = start(0)
+    assert (measured, reused) == (0, n)  # the first start's single runs
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    outs = eng.run([Request(model="m", prompt=[5, 6, 7], sampling=sp)], realtime=False)
+    assert len(outs[0].token_ids) == 3 and eng.steady_state_compiles == 0
+    assert start(1)[1:] == (n, 0)  # single runs are no profile
+    assert start(1)[1:] == (0, n)
+    assert start(0)[1:] == (0, n)  # a real profile serves single-run starts too

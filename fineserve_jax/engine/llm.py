@@ -33,7 +33,8 @@ class LLM:
         engine_kwargs.setdefault("scheduler", SchedulerConfig(admission="fcfs", execution="fcfs",
                                                               drop=False))
         # Offline generation schedules first-come-first-served and drops nothing, so step
-        # times only seed the cost estimates: one run per bucket instead of best of three.
+        # times only seed the cost estimates: one run per bucket instead of best of three,
+        # and none where an earlier start of the same steps stored its time.
         engine_kwargs.setdefault("profile_reps", 0)
         if "devices" in engine_kwargs:
             raise ValueError("LLM takes tensor_parallel_size, not devices (use Engine for a "

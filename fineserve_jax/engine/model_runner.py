@@ -188,12 +188,13 @@ class ModelRunner:
 
     def profile(self, arena: jax.Array, reps: int = 2):
         """Time every compiled step on padding inputs (best of reps + 1), except steps whose
-        time is known from an earlier profile of the same program on this kind of device;
-        returns (arena, {(kind, size): seconds}, number of steps measured)."""
+        time is known from an earlier profile of the same program on this kind of device
+        (with reps 0, from an earlier single run too); returns (arena, {(kind, size):
+        seconds}, number of steps measured)."""
         times, measured = {}, 0
         for kind, size in self.shapes():
             fp = self._fingerprint[(kind, size)]
-            known = step_cache.known_time(fp)
+            known = step_cache.known_time(fp, cold_ok=reps == 0)
             if known is not None:
                 times[(kind, size)] = known
                 continue
@@ -206,6 +207,6 @@ class ModelRunner:
                 best = min(best, time.perf_counter() - t0)
             times[(kind, size)] = best
             measured += 1
-            if reps > 0:  # a single cold run is no profile worth keeping
-                step_cache.record_time(fp, best)
+            # a single cold run is kept apart: it estimates for single-run starts only
+            step_cache.record_time(fp, best, cold=reps == 0)
         return arena, times, measured

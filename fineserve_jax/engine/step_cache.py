@@ -8,7 +8,9 @@ Three levels:
     folder; `enable_persistent_cache`) turns compiles into disk reads;
   * the warm-up timing of each compiled bucket is stored by the step's fingerprint (a hash
     of its lowered program and the device kind), in memory and in `profiles.json` beside the
-    compilation cache, so profiling measures only steps it has not measured before.
+    compilation cache, so profiling measures only steps it has not measured before. A
+    single cold run (`profile_reps=0`, as `LLM` starts) is stored apart, as `cold|<fp>`: it
+    serves later single-run starts only, never an engine that asked for a real profile.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ ENV_VAR = "FINESERVE_JAX_CACHE"
 _lock = threading.Lock()
 _STEPS: Dict[tuple, Callable] = {}
 _PROFILES: Dict[str, float] = {}
+_COLD = "cold|"  # key prefix of single cold runs (`profile_reps=0`) in _PROFILES
 _cache_dir: Optional[str] = None
 K = TypeVar("K")
 
@@ -105,12 +108,17 @@ def fingerprint(lowered) -> str:
     return hashlib.sha256(f"{dev.platform}|{dev.device_kind}|{text}".encode()).hexdigest()
 
 
-def known_time(fp: str) -> Optional[float]:
-    return _PROFILES.get(fp)
+def known_time(fp: str, cold_ok: bool = False) -> Optional[float]:
+    """The stored time of step `fp`: a profiled one, else (cold_ok) a single cold run's."""
+    known = _PROFILES.get(fp)
+    if known is None and cold_ok:
+        known = _PROFILES.get(_COLD + fp)
+    return known
 
 
-def record_time(fp: str, seconds: float) -> None:
-    _PROFILES[fp] = seconds
+def record_time(fp: str, seconds: float, cold: bool = False) -> None:
+    """Store step `fp`'s time: a best-of-reps profile, or (cold) one cold run's."""
+    _PROFILES[_COLD + fp if cold else fp] = seconds
     if _cache_dir is not None:
         _save_profiles(_cache_dir)
 
