@@ -135,7 +135,7 @@ def test_profiles_are_reused_and_single_runs_kept_apart(monkeypatch):
         s = eng.startup
         return eng, s["steps_profiled"], s["steps_profile_reused"]
 
-    n = len(list(BUCKETS.decode_sizes)) + len(list(BUCKETS.prefill_sizes))
+    n = len(BUCKETS.decode_sizes) + len(BUCKETS.prefill_sizes)
     assert start(0)[1:] == (n, 0)
     eng, measured, reused = start(0)
     assert (measured, reused) == (0, n)  # the first start's single runs
