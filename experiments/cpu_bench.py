@@ -217,7 +217,8 @@ def main(argv):
     for label, s in result.get("startup", {}).items():
         print(f"start-up {label}: {s['startup_s']:.1f} s (load {s['load_s']:.1f}, quantize "
               f"{s['quantize_s']:.1f}, compile {s['compile_s']:.1f}, profile {s['profile_s']:.1f}; "
-              f"{s['backend_compiles']} backend compiles, {s['steps_profile_reused']} profiles reused)")
+              f"{s['executables_loaded']} executables loaded, {s['backend_compiles']} backend "
+              f"compiles, {s['steps_profile_reused']} profiles reused)")
     write_json(_OUT.value, "cpu_bench.json", result)
 
 

@@ -171,15 +171,15 @@ class Engine:
                         for n, m in self.models.items()}
         c0 = compile_count()
         t0 = time.perf_counter()
-        # Every model's steps compile together, in one thread per core.
-        # Samplers are shared by the models of a vocabulary size (`executable_key`).
-        lowered, keys = {}, {}
+        # Every model's steps are built together: loaded from the executable store, else
+        # lowered and compiled (one compile thread per core). Samplers are shared by the models of a vocabulary size (`executable_key`).
+        jobs, keys = {}, {}
         for n, r in self.runners.items():
-            low = r.lower_all(arena)
-            keys[n] = {key: r.executable_key(key) for key in low}
-            for key, lw in low.items():
-                lowered.setdefault(keys[n][key], lw)
-        compiled = step_cache.compile_many(lowered)
+            mine = r.jobs(arena)
+            keys[n] = {key: r.executable_key(key) for key in mine}
+            for key, job in mine.items():
+                jobs.setdefault(keys[n][key], job)
+        compiled, loaded = step_cache.build_many(jobs)
         for n, r in self.runners.items():
             r.set_compiled({key: compiled[k] for key, k in keys[n].items()})
         block_ops = BlockOps(arena, self.formats.values(), compaction_max_moves,
@@ -202,14 +202,15 @@ class Engine:
             "quantize_s": sum(m.quantize_s for m in self.models.values()),
             "compile_s": t_compiled - t0, "profile_s": t_ready - t_compiled,
             "total_s": t_ready - t_start, "arena_bytes": num_slabs * slab,
-            "arena_sizing": self.arena_sizing, "steps": steps, "backend_compiles": self.warmup_compiles,
+            "arena_sizing": self.arena_sizing, "steps": steps, "executables_loaded": loaded,
+            "backend_compiles": self.warmup_compiles,
             "steps_profiled": measured, "steps_profile_reused": steps - measured,
             "compilation_cache_dir": step_cache.enable_persistent_cache(None)}
         log.info("engine ready in %.1f s: load %.1f s, quantize %.1f s, compile %.1f s (%d steps, "
-                 "%d backend compiles), profile %.1f s (%d measured, %d known)",
-                 self.startup["total_s"], self.startup["load_s"], self.startup["quantize_s"],
-                 self.startup["compile_s"], steps, self.warmup_compiles, self.startup["profile_s"],
-                 measured, steps - measured)
+                 "%d executables loaded, %d backend compiles), profile %.1f s (%d measured, "
+                 "%d known)", self.startup["total_s"], self.startup["load_s"],
+                 self.startup["quantize_s"], self.startup["compile_s"], steps, loaded,
+                 self.warmup_compiles, self.startup["profile_s"], measured, steps - measured)
 
         b = self.buckets
         limits = ModelLimits(b.max_prefill, b.prefill_seqs, b.max_decode)

@@ -10,6 +10,7 @@ inside each of a model's bucketed steps (it was ~40% of a tiny model's step comp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from typing import Dict, Optional, Tuple
@@ -94,8 +95,10 @@ class ModelRunner:
         # group the key holds the group and the parameter layouts too.
         structure = hashlib.sha256(repr(graphdef).encode()).hexdigest()
         placement = None if group is None else (group.key, layouts_key(self.layouts))
+        self._jit_key = {k: (structure, fmt, k, self.impl, interpret, placement)
+                         for k in ("prefill", "decode")}
         self._jit = {k: step_cache.shared_step(
-            (structure, fmt, k, self.impl, interpret, placement),
+            self._jit_key[k],
             lambda k=k: jax.jit(_step_fn(graphdef, fmt, k, self.impl, interpret, group,
                                          self.split),
                                 donate_argnums=(1,), **self._shardings()))
@@ -136,33 +139,41 @@ class ModelRunner:
         every model of a vocabulary size on the same devices)."""
         return (*self._sampler_key, key[1]) if key[0] == "sample" else (id(self), *key)
 
-    def _lower_step(self, kind: str, size: int, arena: jax.Array):
-        return self._jit[kind].lower(self.params, self._arena_spec(arena),
-                                     self.inputs_for(kind, size))
+    def _step_args(self, kind: str, size: int, arena: jax.Array) -> tuple:
+        return self.params, self._arena_spec(arena), self.inputs_for(kind, size)
 
-    def lower_all(self, arena: jax.Array) -> Dict[Tuple[str, int], object]:
-        """Lower every (kind, bucket) step for this arena's shape and a sampler per row
-        count; {(kind, size) or ("sample", rows): Lowered}."""
-        lowered = {}
+    def _lower_step(self, kind: str, size: int, arena: jax.Array):
+        return self._jit[kind].lower(*self._step_args(kind, size, arena))
+
+    def jobs(self, arena: jax.Array) -> Dict[Tuple[str, int], step_cache.StepJob]:
+        """Every (kind, bucket) step for this arena's shape and a sampler per row count, as
+        build jobs (`step_cache.build_many`); {(kind, size) or ("sample", rows): StepJob}.
+        A step's identity is also its profile's key."""
+        jobs = {}
         for kind, size in self.shapes():
-            lowered[(kind, size)] = low = self._lower_step(kind, size, arena)
-            self._fingerprint[(kind, size)] = step_cache.fingerprint(low)
+            args = self._step_args(kind, size, arena)
+            identity = step_cache.executable_identity(self._jit_key[kind], args)
+            self._fingerprint[(kind, size)] = identity
+            jobs[(kind, size)] = step_cache.StepJob(
+                identity, functools.partial(self._jit[kind].lower, *args))
         for rows in self.sampler_rows():
             logits = jax.ShapeDtypeStruct((rows, self.model.config.vocab_size), jax.numpy.float32,
                                           sharding=None if self.group is None
                                           else self.group.replicated)
-            args = _sampling_args(self.inputs_for("decode", rows))  # [rows] arrays
-            lowered[("sample", rows)] = self._sampler_jit.lower(logits, *args)
-        return lowered
+            args = (logits, *_sampling_args(self.inputs_for("decode", rows)))  # [rows] arrays
+            jobs[("sample", rows)] = step_cache.StepJob(
+                step_cache.executable_identity(self._sampler_key, args),
+                functools.partial(self._sampler_jit.lower, *args))
+        return jobs
 
     def set_compiled(self, compiled: Dict[Tuple[str, int], object]) -> None:
-        """Install the executables of `lower_all`'s keys (compiled by the caller)."""
+        """Install the executables of `jobs`' keys (built by the caller)."""
         self._compiled.update(compiled)
 
     def compile_all(self, arena: jax.Array) -> None:
-        """AOT-compile every step and sampler for this arena's shape (from the in-process
-        and persistent caches where they hold it), several at once."""
-        self.set_compiled(step_cache.compile_many(self.lower_all(arena)))
+        """Build every step and sampler for this arena's shape (from the executable store
+        and the compilation caches where they hold it), several at once."""
+        self.set_compiled(step_cache.build_many(self.jobs(arena))[0])
 
     def inputs_for(self, kind: str, size: int) -> StepInputs:
         tokens, rows = (size, self.buckets.prefill_seqs) if kind == "prefill" else (size, size)

@@ -1,29 +1,38 @@
 """Seconds-long starts: compiled steps and their measured times, reused instead of redone.
 
-Three levels:
+Four levels:
   * in one process, models of the same structure, KV format, kind and attention impl share
     one jitted step function, so a second engine of the same shapes (an `LLM` rebuilt in a
     notebook, a benchmark's second engine) gets its executables from JAX's own cache;
-  * across processes, XLA's persistent compilation cache (on by default, in a per-user
-    folder; `enable_persistent_cache`) turns compiles into disk reads;
-  * the warm-up timing of each compiled bucket is stored by the step's fingerprint (a hash
-    of its lowered program and the device kind), in memory and in `profiles.json` beside the
-    compilation cache, so profiling measures only steps it has not measured before. A
-    single cold run (`profile_reps=0`, as `LLM` starts) is stored apart, as `cold|<fp>`: it
-    serves later single-run starts only, never an engine that asked for a real profile.
+  * across processes, a step's executable is stored (`executables/` in the cache folder) by
+    its identity: the jitted function's key, the abstract arguments, this checkout's source
+    (`code_digest`) and the JAX/XLA environment. A warm start loads it without tracing or
+    lowering, which is most of a warm start once compiling is a cache read;
+  * under that, XLA's persistent compilation cache (on by default, in a per-user folder;
+    `enable_persistent_cache`) turns compiles of a lowered program into disk reads;
+  * the warm-up timing of each compiled bucket is stored by the step's identity, in memory
+    and in `profiles.json` beside the compilation cache, so profiling measures only steps it
+    has not measured before. A single cold run (`profile_reps=0`, as `LLM` starts) is stored
+    apart, as `cold|<identity>`: it serves later single-run starts only, never an engine
+    that asked for a real profile.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import pickle
 import threading
-from typing import Callable, Dict, Optional, TypeVar
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 import jax
+from jax.experimental import serialize_executable
 
 from models.compile_options import compiler_options
 
@@ -81,19 +90,63 @@ def shared_step(key: tuple, make: Callable[[], Callable]) -> Callable:
         return fn
 
 
-def compile_many(lowered: Dict[K, object], workers: Optional[int] = None) -> Dict[K, object]:
-    """{key: Lowered} -> {key: Compiled}, compiled in `workers` threads (default: one per
-    CPU core) with the project's compile options (`models.compile_options`). XLA compiles
-    with the GIL released, so a step's codegen runs beside another's; a start-up with dozens
-    of bucketed steps is compile-bound."""
-    if workers is None:
-        workers = os.cpu_count() or 1
-    items = list(lowered.items())
-    if workers <= 1 or len(items) <= 1:
-        return {k: compile_lowered(low) for k, low in items}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        futures = {k: pool.submit(compile_lowered, low) for k, low in items}
-        return {k: f.result() for k, f in futures.items()}
+@dataclasses.dataclass(frozen=True)
+class StepJob:
+    """One executable to build: `lower()` gives its `jax.stages.Lowered`; `identity`
+    (`executable_identity`) names it in the executable store."""
+    identity: str
+    lower: Callable[[], object]
+
+
+def build_many(jobs: Dict[K, StepJob], workers: Optional[int] = None
+               ) -> Tuple[Dict[K, object], int]:
+    """{key: StepJob} -> ({key: Compiled}, number of executables loaded from the store);
+    jobs of one identity share one executable. Each
+    executable is loaded from the store when it holds the identity; the others are lowered
+    here, one after another (tracing holds the GIL), and compiled in `workers` threads
+    (default: one per CPU core) as soon as each is lowered, so compiling one overlaps
+    lowering the next (XLA compiles with the GIL released). New executables are stored for
+    the next process."""
+    unique = {job.identity: job for job in jobs.values()}
+    workers = max(1, min(workers or os.cpu_count() or 1, len(unique) or 1))
+    built: Dict[str, object] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        loads = {i: pool.submit(load_executable, i) for i in unique}
+        compiles = {}
+        for i, job in unique.items():
+            built[i] = loads[i].result()
+            if built[i] is None:
+                compiles[i] = pool.submit(_compile_noting_cache_hit, job.lower())
+        for i, f in compiles.items():
+            built[i], from_xla_cache = f.result()
+            if not from_xla_cache:
+                store_executable(i, built[i])
+    return {k: built[job.identity] for k, job in jobs.items()}, len(unique) - len(compiles)
+
+
+_thread = threading.local()
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_listening = False
+
+
+def _note_cache_hit(event: str, **kwargs) -> None:
+    if event == _HIT_EVENT:  # recorded synchronously, in the thread that compiles
+        _thread.cache_hit = True
+
+
+def _compile_noting_cache_hit(lowered) -> Tuple[object, bool]:
+    """(Compiled, whether XLA's persistent cache supplied it). An executable read from that
+    cache serializes without its kernels' object code on CPU (loading it back fails at the
+    first call: "Function ... not found"), so only fresh compiles go to the store; a cache
+    hit is lowered again on the next start, as without the store."""
+    global _listening
+    with _lock:
+        if not _listening:
+            jax.monitoring.register_event_listener(_note_cache_hit)
+            _listening = True
+    _thread.cache_hit = False
+    compiled = compile_lowered(lowered)
+    return compiled, _thread.cache_hit
 
 
 def compile_lowered(lowered):
@@ -101,15 +154,92 @@ def compile_lowered(lowered):
     return lowered.compile(compiler_options=compiler_options())
 
 
-def fingerprint(lowered) -> str:
-    """A step's identity for its profile: its lowered program on this kind of device."""
-    dev = jax.devices()[0]
-    text = lowered.as_text()
-    return hashlib.sha256(f"{dev.platform}|{dev.device_kind}|{text}".encode()).hexdigest()
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+    """A hash of this checkout's Python source (the packages a step is traced from): an
+    edit anywhere in them is a new identity for every stored executable."""
+    h = hashlib.sha256()
+    for pkg in ("fineserve_jax", "models", "pallas_kernels"):
+        root = os.path.abspath(importlib.util.find_spec(pkg).submodule_search_locations[0])
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(folder, name)
+                h.update(os.path.relpath(path, os.path.dirname(root)).encode())
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
+
+
+def _environment() -> tuple:
+    """What besides the source and the arguments decides a compiled program."""
+    import flax
+    import jaxlib
+
+    devs = jax.devices()
+    flags = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable",
+             "jax_default_prng_impl", "jax_numpy_rank_promotion")
+    return (jax.__version__, jaxlib.__version__, flax.__version__, devs[0].platform,
+            devs[0].device_kind, len(devs), sorted(compiler_options().items()),
+            os.environ.get("XLA_FLAGS", ""), [(f, getattr(jax.config, f, None)) for f in flags])
+
+
+def executable_identity(fn_key: tuple, args: tuple) -> str:
+    """The identity of jitted function `fn_key` (its `shared_step` key, whose parts have
+    stable reprs) lowered for `args` (arrays or ShapeDtypeStructs; only shapes, dtypes and
+    shardings count), with this source and environment."""
+    leaves, tree = jax.tree.flatten(args)
+    abstract = [(tuple(x.shape), str(x.dtype), repr(getattr(x, "sharding", None))) for x in leaves]
+    text = repr((code_digest(), _environment(), fn_key, str(tree), abstract))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _store_path(identity: str) -> Optional[str]:
+    return None if _cache_dir is None else os.path.join(_cache_dir, "executables", identity)
+
+
+def load_executable(identity: str):
+    """The stored executable of `identity` (a `jax.stages.Compiled`), or None."""
+    path = _store_path(identity)
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            device_ids, blob, in_tree, out_tree = pickle.load(f)
+        # The executable runs on the devices it was compiled for; loading it onto others
+        # aborts the process inside XLA, so a missing device is a miss, not a load.
+        by_id = {d.id: d for d in jax.devices()}
+        if not set(device_ids) <= set(by_id):
+            raise ValueError(f"compiled for devices {device_ids}, not all present")
+        return serialize_executable.deserialize_and_load(
+            blob, in_tree, out_tree, execution_devices=[by_id[i] for i in device_ids])
+    except Exception as e:  # a damaged or foreign entry: compile instead
+        log.warning("stored executable %s unusable (%s: %s); compiling", path,
+                    type(e).__name__, e)
+        return None
+
+
+def store_executable(identity: str, compiled) -> None:
+    """Store `compiled` under `identity` (atomically; a step that cannot be serialized, or
+    an unwritable folder, is logged and skipped: the next start compiles it again)."""
+    path = _store_path(identity)
+    if path is None:
+        return
+    try:
+        devices = [d.id for d in compiled.runtime_executable().local_devices()]
+        data = pickle.dumps((devices, *serialize_executable.serialize(compiled)))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except Exception as e:
+        log.warning("could not store executable %s (%s: %s)", path, type(e).__name__, e)
 
 
 def known_time(fp: str, cold_ok: bool = False) -> Optional[float]:
-    """The stored time of step `fp`: a profiled one, else (cold_ok) a single cold run's."""
+    """The stored time of step `fp` (its identity): a profiled one, else (cold_ok) a single
+    cold run's."""
     known = _PROFILES.get(fp)
     if known is None and cold_ok:
         known = _PROFILES.get(_COLD + fp)
