@@ -101,12 +101,11 @@ class StepJob:
 def build_many(jobs: Dict[K, StepJob], workers: Optional[int] = None
                ) -> Tuple[Dict[K, object], int]:
     """{key: StepJob} -> ({key: Compiled}, number of executables loaded from the store);
-    jobs of one identity share one executable. Each
-    executable is loaded from the store when it holds the identity; the others are lowered
-    here, one after another (tracing holds the GIL), and compiled in `workers` threads
-    (default: one per CPU core) as soon as each is lowered, so compiling one overlaps
-    lowering the next (XLA compiles with the GIL released). New executables are stored for
-    the next process."""
+    jobs of one identity share one executable. Each executable is loaded from the store
+    when it holds the identity; the others are lowered here, one after another (tracing
+    holds the GIL), and compiled in `workers` threads (default: one per CPU core) as soon
+    as each is lowered, so compiling one overlaps lowering the next (XLA compiles with the
+    GIL released). Fresh compiles are stored for the next process."""
     unique = {job.identity: job for job in jobs.values()}
     workers = max(1, min(workers or os.cpu_count() or 1, len(unique) or 1))
     built: Dict[str, object] = {}
