@@ -172,16 +172,13 @@ class Engine:
         c0 = compile_count()
         t0 = time.perf_counter()
         # Every model's steps are built together: loaded from the executable store, else
-        # lowered and compiled (one compile thread per core). Samplers are shared by the models of a vocabulary size (`executable_key`).
-        jobs, keys = {}, {}
-        for n, r in self.runners.items():
-            mine = r.jobs(arena)
-            keys[n] = {key: r.executable_key(key) for key in mine}
-            for key, job in mine.items():
-                jobs.setdefault(keys[n][key], job)
+        # lowered and compiled (one compile thread per core). Jobs of one identity share an
+        # executable: the samplers of a vocabulary size, the steps of models of one structure.
+        jobs = {(n, key): job for n, r in self.runners.items()
+                for key, job in r.jobs(arena).items()}
         compiled, loaded = step_cache.build_many(jobs)
         for n, r in self.runners.items():
-            r.set_compiled({key: compiled[k] for key, k in keys[n].items()})
+            r.set_compiled({key: c for (m, key), c in compiled.items() if m == n})
         block_ops = BlockOps(arena, self.formats.values(), compaction_max_moves,
                              copy=compaction_interval > 0, poison=debug_poison, group=self.group)
         t_compiled = time.perf_counter()

@@ -107,7 +107,7 @@ class ModelRunner:
         self._sampler_jit = step_cache.shared_step(self._sampler_key, lambda: jax.jit(sample_tokens))
         # (kind, size) -> step executable; ("sample", rows) -> sampler executable
         self._compiled: Dict[Tuple[str, int], object] = {}
-        self._fingerprint: Dict[Tuple[str, int], str] = {}
+        self._identity: Dict[Tuple[str, int], str] = {}  # also the profile's key
 
     def _shardings(self) -> dict:
         """jit's in/out shardings on a device group (params as placed, the arena split by
@@ -134,11 +134,6 @@ class ModelRunner:
         return sorted({self.inputs_for(kind, size).temperature.shape[0]
                        for kind, size in self.shapes()})
 
-    def executable_key(self, key: Tuple[str, int]) -> tuple:
-        """Process-wide identity of the executable behind `key` (samplers are shared by
-        every model of a vocabulary size on the same devices)."""
-        return (*self._sampler_key, key[1]) if key[0] == "sample" else (id(self), *key)
-
     def _step_args(self, kind: str, size: int, arena: jax.Array) -> tuple:
         return self.params, self._arena_spec(arena), self.inputs_for(kind, size)
 
@@ -153,7 +148,7 @@ class ModelRunner:
         for kind, size in self.shapes():
             args = self._step_args(kind, size, arena)
             identity = step_cache.executable_identity(self._jit_key[kind], args)
-            self._fingerprint[(kind, size)] = identity
+            self._identity[(kind, size)] = identity
             jobs[(kind, size)] = step_cache.StepJob(
                 identity, functools.partial(self._jit[kind].lower, *args))
         for rows in self.sampler_rows():
@@ -204,7 +199,7 @@ class ModelRunner:
         seconds}, number of steps measured)."""
         times, measured = {}, 0
         for kind, size in self.shapes():
-            fp = self._fingerprint[(kind, size)]
+            fp = self._identity[(kind, size)]
             known = step_cache.known_time(fp, cold_ok=reps == 0)
             if known is not None:
                 times[(kind, size)] = known

@@ -124,13 +124,14 @@ def build_many(jobs: Dict[K, StepJob], workers: Optional[int] = None
 
 
 _thread = threading.local()
-_HIT_EVENT = "/jax/compilation_cache/cache_hits"
-_listening = False
 
 
 def _note_cache_hit(event: str, **kwargs) -> None:
-    if event == _HIT_EVENT:  # recorded synchronously, in the thread that compiles
+    if event == "/jax/compilation_cache/cache_hits":  # recorded in the compiling thread
         _thread.cache_hit = True
+
+
+jax.monitoring.register_event_listener(_note_cache_hit)
 
 
 def _compile_noting_cache_hit(lowered) -> Tuple[object, bool]:
@@ -138,11 +139,6 @@ def _compile_noting_cache_hit(lowered) -> Tuple[object, bool]:
     cache serializes without its kernels' object code on CPU (loading it back fails at the
     first call: "Function ... not found"), so only fresh compiles go to the store; a cache
     hit is lowered again on the next start, as without the store."""
-    global _listening
-    with _lock:
-        if not _listening:
-            jax.monitoring.register_event_listener(_note_cache_hit)
-            _listening = True
     _thread.cache_hit = False
     compiled = compile_lowered(lowered)
     return compiled, _thread.cache_hit
