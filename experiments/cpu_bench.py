@@ -16,10 +16,11 @@ Scenarios (`--scenarios`):
   batch to the longest request and a prompt's tokens past its own request are discarded; the
   engine retires each request when it is done. tokens/s counts the requested tokens only
   (useful tokens), on both sides.
-Both are timed after a warm-up call; tokens/s = (useful) generated tokens / wall time of the
-call. Start-up is measured separately in fresh processes: cold (empty compilation
-cache folder) and warm (the same folder again), with the engine's own breakdown (load,
-quantize, compile, profile). Prints a table and writes OUTPUT_DIR/cpu_bench.json.
+Both are timed after a warm-up call, the engine with prefix caching off (a repeated call
+recomputes its prompts, as transformers does); tokens/s = (useful) generated tokens / wall
+time of the call. Start-up is measured separately in fresh processes: cold (empty
+compilation cache folder) and warm (the same folder again), with the engine's own breakdown
+(load, quantize, compile, profile). Prints a table and writes OUTPUT_DIR/cpu_bench.json.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def engine_side(path: str, prompts, lengths, reps: int):
     from fineserve_jax.core.buckets import Buckets
 
     t0 = time.perf_counter()
-    llm = LLM(model=path, quant="org", dtype="float32",
+    # Prefix caching off: the timed calls repeat the same prompts, and transformers
+    # recomputes every prompt each call, so the engine must too (same work on both sides).
+    llm = LLM(model=path, quant="org", dtype="float32", enable_prefix_caching=False,
               max_model_len=max(len(p) for p in prompts) + max(lengths) + 8,
               buckets=Buckets(decode_sizes=(1, 2, 4, 8, 16, 32, 64), prefill_sizes=(32, 128, 256),
                               prefill_seqs=8))
@@ -110,6 +113,7 @@ def engine_side(path: str, prompts, lengths, reps: int):
     tokens = sum(got)
     wall = statistics.median(times)
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": steps,
+            "cached_prompt_tokens": sum(o.num_cached_tokens for o in outs),  # 0: full prefill
             "startup_s": startup, "startup": llm.engine.startup,
             "steady_state_compiles": llm.engine.steady_state_compiles,
             "profile_ms": {k: round(v * 1e3, 2) for k, v in llm.engine.cost.as_dict().get("model/decode", {}).items()},

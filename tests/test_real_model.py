@@ -159,6 +159,7 @@ def test_cpu_bench_runs_both_scenarios(smollm2, tmp_path):
         assert run["engine"]["tokens"] == run["transformers"]["tokens"] == run["requested_tokens"]
         assert run["ratio_engine_over_transformers"] > 0
         assert run["engine"]["steady_state_compiles"] == 0
+        assert run["engine"]["cached_prompt_tokens"] == 0  # same prefill work as transformers
     assert runs["fixed/3"]["requested_tokens"] == 18
     assert runs["mixed/3"]["longest_request"] * 3 > runs["mixed/3"]["requested_tokens"]
     assert "mixed" in proc.stdout and "fixed" in proc.stdout
