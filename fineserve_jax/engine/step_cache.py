@@ -119,19 +119,18 @@ def build_many(jobs: Dict[K, StepJob], workers: Optional[int] = None
         for i, f in compiles.items():
             built[i], from_xla_cache = f.result()
             with _lock:
-                if from_xla_cache:
-                    _FROM_XLA_CACHE.add(i)
-                fresh = i not in _FROM_XLA_CACHE
-            if fresh:
+                first = i not in _COMPILED
+                _COMPILED.add(i)
+            if first and not from_xla_cache:
                 store_executable(i, built[i])
     return {k: built[job.identity] for k, job in jobs.items()}, len(unique) - len(compiles)
 
 
 _thread = threading.local()
-# Identities whose executable in this process came from XLA's persistent cache. JAX reuses an
-# executable in-process (a second engine of the same shapes) without asking that cache again,
-# so the reuse raises no cache-hit event: without this set it would be stored, unloadable.
-_FROM_XLA_CACHE: set = set()
+# Identities compiled in this process. Only the first compile of one may be stored: a later
+# one (a second engine of the same shapes) is JAX's in-memory reuse of the first executable,
+# which raises no cache-hit event even when XLA's persistent cache supplied it.
+_COMPILED: set = set()
 
 
 def _note_cache_hit(event: str, **kwargs) -> None:
@@ -146,8 +145,8 @@ def _compile_noting_cache_hit(lowered) -> Tuple[object, bool]:
     """(Compiled, whether XLA's persistent cache supplied it). An executable read from that
     cache serializes without its kernels' object code on CPU (loading it back fails at the
     first call: "Function ... not found"), so only fresh compiles go to the store; a cache
-    hit is lowered again on the next start, as without the store (and so is every later
-    build of its identity in this process: `_FROM_XLA_CACHE`)."""
+    hit is lowered again on the next start, as without the store (`build_many` stores only
+    the first compile of an identity in a process: `_COMPILED`)."""
     _thread.cache_hit = False
     compiled = compile_lowered(lowered)
     return compiled, _thread.cache_hit
