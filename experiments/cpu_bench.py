@@ -156,10 +156,12 @@ print(json.dumps({"startup_s": time.perf_counter() - t0, **llm.engine.startup}))
 
 
 def measure_startup(path: str) -> dict:
-    """Engine start-up in fresh processes: cold (empty cache folder), then warm."""
+    """Engine start-up in fresh processes: cold (empty cache folders: compiled steps and the
+    C++ CPU kernels, so cold includes building them), then warm."""
     out = {}
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, FINESERVE_JAX_CACHE=cache)
+        env = dict(os.environ, FINESERVE_JAX_CACHE=cache,
+                   FINESERVE_JAX_CPU_KERNEL_DIR=os.path.join(cache, "cpu_kernels"))
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         for label in ("cold", "warm"):

@@ -50,7 +50,7 @@ _ARENA_MB = flags.DEFINE_float("arena_mb", 0.25, "KV arena size (MiB); small on 
 _MAXLEN = flags.DEFINE_integer("max_model_len", 256, "longest prompt + output")
 _TPB = flags.DEFINE_integer("tokens_per_block", 4, "tokens per KV block (small for tiny models, "
                             "so the small default arena still has many slabs)")
-_IMPL = flags.DEFINE_string("attention_impl", "auto", "reference | pallas_triton | auto")
+_IMPL = flags.DEFINE_string("attention_impl", "auto", "auto | reference | xla | cpu | pallas_triton")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "float32 | bfloat16")
 _SEED = flags.DEFINE_integer("seed", 0, "workload and sampling seed")
 _OUT = flags.DEFINE_string("output_dir", "runs/serve", "where to write summary.json and the plot")

@@ -264,6 +264,10 @@ def depth_part(name: str, depths: List[int], impl: str, trials: int) -> List[dic
                 (9, runner.buckets.table_width * runner.fmt.block_words), jnp.uint32)
             for kind, size in (("decode", 8), ("prefill", 64)):
                 x = runner.inputs_for(kind, size)
+                # Runners share step functions (step_cache.shared_step), and JAX keeps their
+                # traces and compiled programs in memory: without this a later trial would
+                # time a cache lookup, not a compilation.
+                jax.clear_caches()
                 t0 = time.perf_counter()
                 lowered = runner._jit[kind].lower(runner.params, arena, x)
                 t1 = time.perf_counter()

@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from absl import app, flags
 
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
-ATTENTION_IMPLS = ("auto", "reference", "pallas_triton")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cpu", "pallas_triton")
 DTYPES = ("float32", "bfloat16")
 MAX_MODEL_LEN_LIMIT = 1 << 20  # block tables are sized from it: a typo must not allocate GiBs
 _BOM = b"\xef\xbb\xbf"

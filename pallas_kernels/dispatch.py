@@ -6,10 +6,14 @@ impl:
   "xla"            plain XLA that reads only the blocks the step needs (`xla_attention`:
                    query tiles, a loop over block columns up to the longest live context,
                    online softmax); every backend; the fast path where no kernel runs.
+  "cpu"            a C++ kernel called through XLA's FFI (`pallas_kernels.cpu`): reads the
+                   live blocks in place and dequantizes in-kernel; CPU backend only, built
+                   with the system C++ compiler on first use.
   "pallas_triton"  Pallas with the Triton lowering (`decode_triton`, `prefill_triton`); GPU,
                    or CPU interpreted (`interpret=None` interprets off-GPU automatically).
   "auto"           pallas_triton on a GPU (or when `interpret=True` is asked for) if the
-                   format has power-of-2 tiles; otherwise xla.
+                   format has power-of-2 tiles; on the CPU backend cpu when its kernel
+                   builds (`FINESERVE_JAX_CPU_KERNELS=0` turns it off); otherwise xla.
 Not implemented yet: "mosaic" (Pallas Mosaic GPU) and "jax_triton"; asking for them raises.
 
 `layer` is an int or an int32 scalar array: inside the decoder's layer scan it is traced,
@@ -18,19 +22,26 @@ and every implementation takes it as data (one compiled layer body for every lay
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 
 from fineserve_jax.formats import KVFormat
 from pallas_kernels import reference, xla_attention
+from pallas_kernels.cpu.attention import decode_attention_cpu, prefill_attention_cpu
+from pallas_kernels.cpu.build import CpuKernelUnavailable, unavailable_reason
 from pallas_kernels.decode_triton import decode_attention_triton
 from pallas_kernels.layer_arg import check_layer
 from pallas_kernels.prefill_triton import prefill_attention_triton
 from pallas_kernels.tile_math import check_triton_format
 from pallas_kernels.triton_compat import on_gpu, resolve_interpret
 
+log = logging.getLogger("fineserve_jax")
+
 __all__ = ["IMPLS", "resolve_impl", "decode_attention", "prefill_attention"]
 
-IMPLS = ("reference", "xla", "pallas_triton", "auto")
+IMPLS = ("reference", "xla", "cpu", "pallas_triton", "auto")
 _PLANNED = ("mosaic", "jax_triton")
 
 
@@ -40,6 +51,11 @@ def _triton_ok(fmt: KVFormat) -> bool:
     except ValueError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(why: str) -> None:
+    log.warning("attention impl 'auto' uses the XLA path on this CPU: %s", why)
 
 
 def resolve_impl(impl: str, fmt: KVFormat, interpret=None) -> str:
@@ -54,7 +70,21 @@ def resolve_impl(impl: str, fmt: KVFormat, interpret=None) -> str:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {IMPLS}")
     if impl == "auto":
         wants_kernel = on_gpu() or interpret is True
-        return "pallas_triton" if wants_kernel and _triton_ok(fmt) else "xla"
+        if wants_kernel and _triton_ok(fmt):
+            return "pallas_triton"
+        if jax.default_backend() == "cpu":
+            why = unavailable_reason()
+            if why is None:
+                return "cpu"
+            _log_fallback(why)
+        return "xla"
+    if impl == "cpu":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"attention impl 'cpu' runs on the CPU backend only; this "
+                             f"process's default backend is {jax.default_backend()!r}")
+        why = unavailable_reason()
+        if why is not None:
+            raise CpuKernelUnavailable(why)
     return impl
 
 
@@ -94,6 +124,8 @@ def decode_attention(q: jax.Array, kv_view: jax.Array, block_tables: jax.Array,
     if impl == "xla":
         return xla_attention.decode_attention_xla(q, kv_view, block_tables, lengths, fmt=fmt,
                                                   layer=layer)
+    if impl == "cpu":
+        return decode_attention_cpu(q, kv_view, block_tables, lengths, fmt=fmt, layer=layer)
     return decode_attention_triton(q, kv_view, block_tables, lengths, fmt=fmt, layer=layer,
                                    interpret=resolve_interpret(interpret),
                                    num_splits=num_splits)
@@ -123,5 +155,8 @@ def prefill_attention(q: jax.Array, kv_view: jax.Array, block_tables: jax.Array,
     if impl == "xla":
         return xla_attention.prefill_attention_xla(q, kv_view, block_tables, q_seq, q_pos,
                                                    fmt=fmt, layer=layer)
+    if impl == "cpu":
+        return prefill_attention_cpu(q, kv_view, block_tables, q_seq, q_pos, fmt=fmt,
+                                     layer=layer)
     return prefill_attention_triton(q, kv_view, block_tables, q_seq, q_pos, fmt=fmt, layer=layer,
                                     interpret=resolve_interpret(interpret))

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fineserve_jax.formats import KVFormat
 from fineserve_jax.kvslab import SlabAllocator
@@ -22,8 +23,12 @@ from pallas_kernels.triton_compat import resolve_interpret
 
 # Pallas kernels run compiled on a GPU and interpreted elsewhere (the same tests, both ways).
 INTERPRET = resolve_interpret(None)
+# The C++ kernel (impl "cpu") runs on the CPU backend only.
+needs_cpu_kernel = pytest.mark.skipif(jax.default_backend() != "cpu",
+                                      reason="the C++ attention kernel runs on the CPU backend")
 
-__all__ = ["INTERPRET", "PagedBatch", "allocate_tables", "write_tokens", "write_sequences",
+__all__ = ["INTERPRET", "needs_cpu_kernel",
+           "PagedBatch", "allocate_tables", "write_tokens", "write_sequences",
            "make_paged_batch", "foreign_blocks", "prefill_queries"]
 
 

@@ -21,14 +21,18 @@ from fineserve_jax.kvslab import arena as A
 from pallas_kernels import decode_attention, resolve_impl, xla_attention
 import kernel_testing as T
 from pallas_kernels.decode_triton import decode_attention_triton
+from pallas_kernels.cpu import build as cpu_build
+from pallas_kernels.cpu.attention import decode_attention_cpu
 from pallas_kernels.xla_attention import decode_attention_xla
 
 ATOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
-def _impl_fn(impl, fmt, num_splits, blocks_per_step, min_group_rows):
+def _impl_fn(impl, fmt, num_splits, blocks_per_step, min_group_rows, defines=()):
     """The implementation under test with a runtime (traced) layer argument."""
-    if impl == "pallas_triton":
+    if impl == "cpu":
+        fn = functools.partial(decode_attention_cpu, fmt=fmt, defines=defines)
+    elif impl == "pallas_triton":
         fn = functools.partial(decode_attention_triton, fmt=fmt, interpret=T.INTERPRET,
                                num_splits=num_splits, blocks_per_step=blocks_per_step,
                                min_group_rows=min_group_rows)
@@ -38,7 +42,7 @@ def _impl_fn(impl, fmt, num_splits, blocks_per_step, min_group_rows):
 
 
 def _run_case(kv_dtype, hq, hkv, d, t, lengths, width, num_splits, blocks_per_step,
-              min_group_rows, q_dtype=jnp.float32, seed=0, impl="pallas_triton"):
+              min_group_rows, q_dtype=jnp.float32, seed=0, impl="pallas_triton", defines=()):
     fmt = KVFormat(num_layers=2, num_kv_heads=hkv, head_dim=d, kv_dtype=kv_dtype,
                    tokens_per_block=t)
     batch = T.make_paged_batch(fmt, lengths, width=width, seed=seed)
@@ -46,7 +50,7 @@ def _run_case(kv_dtype, hq, hkv, d, t, lengths, width, num_splits, blocks_per_st
     q = jnp.asarray(rng.standard_normal((len(lengths), hq, d)), q_dtype)
     tables, lens = jnp.asarray(batch.block_tables), jnp.asarray(batch.lengths)
     layer = 1
-    kernel = _impl_fn(impl, fmt, num_splits, blocks_per_step, min_group_rows)
+    kernel = _impl_fn(impl, fmt, num_splits, blocks_per_step, min_group_rows, defines)
     run = lambda view, tab, lay=layer: np.asarray(  # noqa: E731
         kernel(q, view, tab, lens, jnp.int32(lay)).astype(jnp.float32))
 
@@ -89,6 +93,44 @@ def test_decode_xla_matches_reference(case):
     _run_case(*CASES[case], impl="xla")
 
 
+@T.needs_cpu_kernel
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_decode_cpu_kernel_matches_reference(case):
+    _run_case(*CASES[case], impl="cpu")
+
+
+@T.needs_cpu_kernel
+def test_decode_cpu_kernel_odd_shapes_and_bf16_queries():
+    """6 tokens per block, group of 4, head_dim 32, ragged lengths; bf16 q -> bf16 out."""
+    _run_case("int8", 8, 2, 16, 6, [1, 5, 6, 7, 30, 0], 6, None, None, None, impl="cpu")
+    _run_case("bf16", 16, 1, 32, 8, [9, 16, 17, 0, 30], 4, None, None, None,
+              q_dtype=jnp.bfloat16, impl="cpu")
+
+
+@T.needs_cpu_kernel
+def test_decode_cpu_kernel_mutant_is_caught():
+    """Mutation: the same kernel built to skip each row's last position must fail."""
+    with pytest.raises(AssertionError):
+        _run_case("bf16", 4, 2, 16, 4, [4, 9, 16], 4, None, None, None, impl="cpu",
+                  defines=("FINESERVE_MUTATE_DROP_LAST_POSITION",))
+
+
+@T.needs_cpu_kernel
+def test_decode_cpu_kernel_rows_do_not_depend_on_the_batch():
+    """A row's output is the same bits alone and among 40 other rows (SmolLM2's heads)."""
+    fmt = KVFormat(num_layers=2, num_kv_heads=3, head_dim=64, kv_dtype="fp8",
+                   tokens_per_block=16)
+    lengths = list(np.random.default_rng(2).integers(1, 90, 41))
+    batch = T.make_paged_batch(fmt, lengths, seed=4)
+    q = jnp.asarray(np.random.default_rng(3).standard_normal((41, 9, 64)), jnp.float32)
+    tables, lens = jnp.asarray(batch.block_tables), jnp.asarray(batch.lengths)
+    run = jax.jit(lambda q, t, n: decode_attention_cpu(q, batch.view, t, n, fmt=fmt, layer=1))
+    full = np.asarray(run(q, tables, lens))
+    for i in (0, 17, 40):
+        alone = np.asarray(run(q[i:i + 1], tables[i:i + 1], lens[i:i + 1]))
+        np.testing.assert_array_equal(alone[0].view(np.uint32), full[i].view(np.uint32))
+
+
 def test_decode_xla_non_pow2_block_steps_and_formats():
     """The XLA path has no power-of-2 constraint: 3 blocks per step, 6 tokens per block."""
     _run_case("int8", 8, 2, 16, 6, [1, 5, 6, 7, 30, 0], 6, None, 3, None, impl="xla")
@@ -115,12 +157,14 @@ def test_decode_random_lengths_batch():
     _run_case("int8", 4, 2, 16, 8, lengths, 5, None, 2, None, seed=3, impl="xla")
 
 
-def test_dispatch():
+def test_dispatch(monkeypatch):
     fmt = KVFormat(1, 1, 16, "bf16", 4)
     assert resolve_impl("auto", fmt) == ("pallas_triton" if jax.default_backend() == "gpu"
-                                         else "xla")
+                                         else "cpu")
     assert resolve_impl("auto", fmt, interpret=True) == "pallas_triton"
-    assert resolve_impl("auto", KVFormat(1, 1, 16, "bf16", 6), interpret=True) == "xla"
+    # A format the Triton kernels cannot tile: the CPU kernel on the CPU backend, else xla.
+    assert resolve_impl("auto", KVFormat(1, 1, 16, "bf16", 6), interpret=True) == (
+        "cpu" if jax.default_backend() == "cpu" else "xla")
     assert resolve_impl("xla", fmt) == "xla" and resolve_impl("reference", fmt) == "reference"
     with pytest.raises(NotImplementedError):
         resolve_impl("mosaic", fmt)
@@ -130,9 +174,14 @@ def test_dispatch():
     q = jnp.ones((2, 2, 16), jnp.float32)
     args = (q, batch.view, jnp.asarray(batch.block_tables), jnp.asarray(batch.lengths))
     ref = decode_attention(*args, fmt=batch.fmt, layer=0)
-    for impl in ("pallas_triton", "xla"):
+    for impl in ("pallas_triton", "xla", "cpu"):
         out = decode_attention(*args, fmt=batch.fmt, layer=0, impl=impl)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+    # Turned off (or unbuildable): auto falls back to xla; asking for cpu says why.
+    monkeypatch.setenv(cpu_build.ENV_VAR, "0")
+    assert resolve_impl("auto", fmt) in ("pallas_triton", "xla")
+    with pytest.raises(cpu_build.CpuKernelUnavailable, match="FINESERVE_JAX_CPU_KERNELS=0"):
+        resolve_impl("cpu", fmt)
     with pytest.raises(ValueError, match="layer 1 out of range"):
         decode_attention(*args, fmt=batch.fmt, layer=1)
     with pytest.raises(ValueError, match="integer scalar"):
@@ -145,5 +194,7 @@ def test_dispatch():
 def test_decode_full_product(kv_dtype, group, t, splits):
     lengths = [1, t - 1, t, t + 1, 3 * t + 2, 0]
     _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, 4, splits, 2, 1)
-    # The XLA path on the same grid (splits -> blocks per step 1 or 3).
+    # The XLA path on the same grid (splits -> blocks per step 1 or 3), and the CPU kernel.
     _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, 4, None, splits, None, impl="xla")
+    if jax.default_backend() == "cpu":
+        _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, 4, None, None, None, impl="cpu")

@@ -20,14 +20,17 @@ from pallas_kernels import prefill_attention
 import kernel_testing as T
 from pallas_kernels.prefill_triton import prefill_attention_triton
 from pallas_kernels.query_tiles import query_tiles
+from pallas_kernels.cpu.attention import prefill_attention_cpu
 from pallas_kernels.xla_attention import prefill_attention_xla
 
 ATOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
-def _impl_fn(impl, fmt, q_tile, blocks_per_step):
+def _impl_fn(impl, fmt, q_tile, blocks_per_step, defines=()):
     """The implementation under test with a runtime (traced) layer argument."""
-    if impl == "pallas_triton":
+    if impl == "cpu":
+        fn = functools.partial(prefill_attention_cpu, fmt=fmt, defines=defines)
+    elif impl == "pallas_triton":
         fn = functools.partial(prefill_attention_triton, fmt=fmt, interpret=T.INTERPRET,
                                q_tile=q_tile, blocks_per_step=blocks_per_step)
     else:
@@ -38,7 +41,7 @@ def _impl_fn(impl, fmt, q_tile, blocks_per_step):
 
 
 def _run_case(kv_dtype, hq, hkv, d, t, lengths, chunks, pad, width, q_tile, blocks_per_step,
-              q_dtype=jnp.float32, seed=0, impl="pallas_triton"):
+              q_dtype=jnp.float32, seed=0, impl="pallas_triton", defines=()):
     fmt = KVFormat(num_layers=2, num_kv_heads=hkv, head_dim=d, kv_dtype=kv_dtype,
                    tokens_per_block=t)
     batch = T.make_paged_batch(fmt, lengths, width=width, seed=seed)
@@ -46,7 +49,7 @@ def _run_case(kv_dtype, hq, hkv, d, t, lengths, chunks, pad, width, q_tile, bloc
     q, q_seq, q_pos = T.prefill_queries(batch.lengths, chunks, pad, hq, d, rng, q_dtype)
     tables = jnp.asarray(batch.block_tables)
     layer = 1
-    kernel = _impl_fn(impl, fmt, q_tile, blocks_per_step)
+    kernel = _impl_fn(impl, fmt, q_tile, blocks_per_step, defines)
     run = lambda view, tab, lay=layer: np.asarray(  # noqa: E731
         kernel(q, view, tab, q_seq, q_pos, jnp.int32(lay)).astype(jnp.float32))
 
@@ -88,6 +91,22 @@ def test_prefill_xla_matches_reference(case):
     _run_case(*CASES[case], impl="xla")
 
 
+@T.needs_cpu_kernel
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_prefill_cpu_kernel_matches_reference(case):
+    _run_case(*CASES[case], impl="cpu")
+
+
+@T.needs_cpu_kernel
+def test_prefill_cpu_kernel_odd_blocks_and_mutant():
+    """6 tokens per block and chunked prompts; the kernel built to skip each row's last
+    position (the query's own token in prefill) must fail the same comparison."""
+    case = ("fp8", 8, 2, 16, 6, [13, 7, 1], [13, 4, 1], 2, 4, 3, 3)
+    _run_case(*case, impl="cpu")
+    with pytest.raises(AssertionError):
+        _run_case(*case, impl="cpu", defines=("FINESERVE_MUTATE_DROP_LAST_POSITION",))
+
+
 def test_prefill_xla_odd_tiles_and_block_steps():
     """q tiles of 3 tokens, 3 blocks per step, 6 tokens per block (no power-of-2 needed)."""
     _run_case("fp8", 8, 2, 16, 6, [13, 7, 1], [13, 4, 1], 2, 4, 3, 3, impl="xla")
@@ -116,6 +135,8 @@ def test_prefill_full_product(kv_dtype, group, t, q_tile):
     chunks = [t - 1, 2, t + 1, t]
     _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, chunks, 2, 4, q_tile, 2)
     _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, chunks, 2, 4, q_tile, 1, impl="xla")
+    if jax.default_backend() == "cpu":
+        _run_case(kv_dtype, 2 * group, 2, 16, t, lengths, chunks, 2, 4, q_tile, 1, impl="cpu")
 
 
 def _bucket_rows(q_tile_for):

@@ -25,7 +25,7 @@ def _runner(name="tiny-llama", quant="org", impl="auto", num_layers=None):
 def test_impl_is_resolved_once_by_the_dispatcher():
     r = _runner()
     assert r.requested_impl == "auto"
-    assert r.impl == ("pallas_triton" if jax.default_backend() == "gpu" else "xla")
+    assert r.impl == ("pallas_triton" if jax.default_backend() == "gpu" else "cpu")
     assert _runner(impl="reference").impl == "reference"
     with pytest.raises(ValueError, match="unknown attention impl 'fast'"):
         _runner(impl="fast")

@@ -35,6 +35,7 @@ import jax
 from jax.experimental import serialize_executable
 
 from models.compile_options import compiler_options
+from pallas_kernels.cpu.build import build_key as cpu_kernel_build_key
 
 log = logging.getLogger("fineserve_jax")
 
@@ -159,14 +160,15 @@ def compile_lowered(lowered):
 
 @functools.lru_cache(maxsize=None)
 def code_digest() -> str:
-    """A hash of this checkout's Python source (the packages a step is traced from): an
-    edit anywhere in them is a new identity for every stored executable."""
+    """A hash of this checkout's source (the Python packages a step is traced from and the
+    C++ kernels it may call): an edit anywhere in them is a new identity for every stored
+    executable."""
     h = hashlib.sha256()
     for pkg in ("fineserve_jax", "models", "pallas_kernels"):
         root = os.path.abspath(importlib.util.find_spec(pkg).submodule_search_locations[0])
         for folder, dirs, files in os.walk(root):
             dirs.sort()
-            for name in sorted(f for f in files if f.endswith(".py")):
+            for name in sorted(f for f in files if f.endswith((".py", ".cc"))):
                 path = os.path.join(folder, name)
                 h.update(os.path.relpath(path, os.path.dirname(root)).encode())
                 with open(path, "rb") as f:
@@ -184,7 +186,8 @@ def _environment() -> tuple:
              "jax_default_prng_impl", "jax_numpy_rank_promotion")
     return (jax.__version__, jaxlib.__version__, flax.__version__, devs[0].platform,
             devs[0].device_kind, len(devs), sorted(compiler_options().items()),
-            os.environ.get("XLA_FLAGS", ""), [(f, getattr(jax.config, f, None)) for f in flags])
+            os.environ.get("XLA_FLAGS", ""), [(f, getattr(jax.config, f, None)) for f in flags],
+            cpu_kernel_build_key())  # names the FFI target a step calls (CPU flags, compiler)
 
 
 def executable_identity(fn_key: tuple, args: tuple) -> str:

@@ -1,0 +1,161 @@
+"""Builds the C++ CPU kernels once per machine and registers them with XLA's FFI.
+
+The source ships with the package (`ragged_attention.cc`); the first process that asks for
+it compiles it with the system C++ compiler against jaxlib's FFI headers (a few seconds) into
+a per-user folder, keyed by everything that changes the object code (source, defines, flags,
+compiler, jaxlib, CPU features), and later processes load that file. The FFI target name
+carries the key, so an executable XLA cached for one build never calls another build.
+Without a compiler (or with `FINESERVE_JAX_CPU_KERNELS=0`) nothing is built and the
+dispatcher's "auto" uses the XLA path; an explicit `impl="cpu"` then raises with the reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Optional, Tuple
+
+import jax
+
+log = logging.getLogger("fineserve_jax")
+
+__all__ = ["ENV_VAR", "DIR_ENV_VAR", "CpuKernelUnavailable", "kernel_dir",
+           "ragged_attention_target", "build_key", "unavailable_reason"]
+
+ENV_VAR = "FINESERVE_JAX_CPU_KERNELS"  # "0": never build or use the C++ kernels
+DIR_ENV_VAR = "FINESERVE_JAX_CPU_KERNEL_DIR"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ragged_attention.cc")
+SYMBOL = "FineserveRaggedAttention"
+# -fassociative-math lets GCC vectorize the dot and sum loops (summation order only; NaN and
+# infinities keep their meaning, unlike -ffast-math). -march=native: built where it runs.
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-fno-math-errno",
+         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-w")
+_libraries = {}  # target name -> ctypes.CDLL (kept alive for the process)
+_targets = {}  # build key -> registered target name
+_failures = {}  # build key -> why it cannot be used
+_lock = threading.Lock()
+
+
+class CpuKernelUnavailable(RuntimeError):
+    """The C++ CPU kernels cannot be built or loaded here (the message says why)."""
+
+
+def kernel_dir() -> str:
+    """`$FINESERVE_JAX_CPU_KERNEL_DIR`, else `$XDG_CACHE_HOME/fineserve_jax/cpu_kernels`,
+    else `~/.cache/fineserve_jax/cpu_kernels`."""
+    if os.environ.get(DIR_ENV_VAR):
+        return os.path.expanduser(os.environ[DIR_ENV_VAR])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fineserve_jax", "cpu_kernels")
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_version(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                          timeout=60).stdout.splitlines()[0]
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("flags", "model name"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+@functools.lru_cache(maxsize=None)
+def _key(cxx: str, defines: Tuple[str, ...]) -> str:
+    import jaxlib
+
+    h = hashlib.sha256()
+    with open(SOURCE, "rb") as f:
+        h.update(f.read())
+    for part in (*FLAGS, *defines, _compiler_version(cxx), jaxlib.__version__,
+                 platform.machine(), _cpu_features()):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _build(cxx: str, defines: Tuple[str, ...], path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    cmd = [cxx, *FLAGS, *(f"-D{d}" for d in defines), f"-I{jax.ffi.include_dir()}", SOURCE,
+           "-o", tmp]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise CpuKernelUnavailable(f"compiling {os.path.basename(SOURCE)} failed "
+                                       f"({' '.join(cmd)}):\n{res.stderr[-2000:]}")
+        os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load(defines: Tuple[str, ...]) -> str:
+    if os.environ.get(ENV_VAR, "1") == "0":
+        raise CpuKernelUnavailable(f"the C++ CPU kernels are turned off ({ENV_VAR}=0)")
+    cxx = _compiler()
+    if cxx is None:
+        raise CpuKernelUnavailable("no C++ compiler found (set CXX, or install g++)")
+    key = _key(cxx, defines)
+    with _lock:
+        if key in _failures:  # a build fails once per process, not once per call
+            raise CpuKernelUnavailable(_failures[key])
+        if key in _targets:
+            return _targets[key]
+        path = os.path.join(kernel_dir(), f"ragged_attention_{key}.so")
+        try:
+            if not os.path.exists(path):
+                log.info("building the CPU attention kernel into %s", path)
+                _build(cxx, defines, path)
+            lib = ctypes.cdll.LoadLibrary(path)
+        except (CpuKernelUnavailable, OSError, subprocess.SubprocessError) as e:
+            _failures[key] = f"the CPU attention kernel is unavailable: {e}"
+            raise CpuKernelUnavailable(_failures[key]) from e
+        name = f"fineserve_ragged_attention_{key}"
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, SYMBOL)),
+                                    platform="cpu")
+        _libraries[name] = lib
+        _targets[key] = name
+        return name
+
+
+def ragged_attention_target(defines: Tuple[str, ...] = ()) -> str:
+    """The registered FFI target name of the CPU attention kernel, built if needed.
+    `defines`: extra preprocessor macros (tests build mutated kernels this way).
+    Raises CpuKernelUnavailable."""
+    return _load(tuple(defines))
+
+
+def build_key() -> Optional[str]:
+    """The key the kernel is (or would be) built under here, without building it; None
+    without a compiler. Stored executables that call the kernel are keyed by it too."""
+    cxx = _compiler()
+    return None if cxx is None else _key(cxx, ())
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the CPU kernel can be used in this process, else why not."""
+    try:
+        ragged_attention_target()
+    except CpuKernelUnavailable as e:
+        return str(e)
+    return None
