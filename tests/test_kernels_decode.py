@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fineserve_jax.formats import KVFormat
+from fineserve_jax.formats import kv_layout
 from fineserve_jax.kvslab import arena as A
 from pallas_kernels import decode_attention, resolve_impl, xla_attention
 import kernel_testing as T
@@ -113,6 +114,24 @@ def test_decode_cpu_kernel_mutant_is_caught():
     with pytest.raises(AssertionError):
         _run_case("bf16", 4, 2, 16, 4, [4, 9, 16], 4, None, None, None, impl="cpu",
                   defines=("FINESERVE_MUTATE_DROP_LAST_POSITION",))
+
+
+@T.needs_cpu_kernel
+def test_decode_cpu_kernel_keeps_nan_in_live_kv():
+    """A NaN in a position a row reads makes that row NaN, as in the reference (an upstream
+    failure must not turn into plausible numbers); other rows stay finite."""
+    fmt = KVFormat(num_layers=2, num_kv_heads=1, head_dim=16, kv_dtype="bf16",
+                   tokens_per_block=4)
+    batch = T.make_paged_batch(fmt, [6, 5], width=2, seed=1)
+    view = np.asarray(batch.view).copy()
+    block = int(batch.block_tables[0, 1])  # row 0's second block: positions 4..5 live
+    view[block, kv_layout.data_offset(fmt, 1, 0, 0, 1)] = 0x7FC07FC0  # K of position 5: NaN
+    q = jnp.ones((2, 2, 16), jnp.float32)
+    args = (q, jnp.asarray(view), jnp.asarray(batch.block_tables), jnp.asarray(batch.lengths))
+    ref = np.asarray(decode_attention(*args, fmt=fmt, layer=1))
+    out = np.asarray(decode_attention_cpu(*args, fmt=fmt, layer=1))
+    assert np.all(np.isnan(ref[0])) and np.all(np.isnan(out[0]))
+    np.testing.assert_allclose(out[1], ref[1], atol=2e-5)
 
 
 @T.needs_cpu_kernel

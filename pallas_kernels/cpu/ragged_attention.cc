@@ -127,7 +127,7 @@ void AttendOne(const Problem& p, int64_t n, int64_t h, std::vector<float>& scrat
     return;
   }
   scratch.resize(groups * d * 2 + groups * t_blk + groups * 2 + t_blk * d);
-  float* qs = scratch.data();                 // [G, D] scaled queries
+  float* qs = scratch.data();                 // [G, D] this head's queries
   float* acc = qs + groups * d;               // [G, D]
   float* sc = acc + groups * d;               // [G, T] scores of one block
   float* m = sc + groups * t_blk;             // [G]
@@ -178,8 +178,9 @@ void AttendOne(const Problem& p, int64_t n, int64_t h, std::vector<float>& scrat
     }
   }
   for (int64_t j = 0; j < groups; ++j) {
-    const float inv = l[j] > 0.0f ? 1.0f / l[j] : 0.0f;
-    for (int64_t i = 0; i < d; ++i) out[j * d + i] = l[j] > 0.0f ? acc[j * d + i] * inv : 0.0f;
+    // l == 0: no position counted (acc is 0 too) -> zeros; a NaN in K or V stays NaN.
+    const float inv = l[j] == 0.0f ? 0.0f : 1.0f / l[j];
+    for (int64_t i = 0; i < d; ++i) out[j * d + i] = acc[j * d + i] * inv;
   }
 }
 
