@@ -13,7 +13,8 @@ arithmetic), `decode_triton`, `prefill_triton` (Pallas Triton kernels), `query_t
 (per-sequence query tiles for prefill), `reference` (jnp oracle), `xla_attention` (the XLA
 path that reads only the blocks a step needs), `cpu/` (a C++ kernel through XLA's FFI for the
 CPU backend), `kv_gather` / `kv_write` (XLA gather / scatter), `layer_arg` (the layer
-argument), `dispatch` (impl selection), `triton_compat` (JAX version shims). The block layout's word offsets are `fineserve_jax.formats.kv_layout`.
+argument), `dispatch` (impl selection), `triton_compat` (JAX version shims). The block
+layout's word offsets are `fineserve_jax.formats.kv_layout`.
 """
 
 from pallas_kernels.dispatch import IMPLS, decode_attention, prefill_attention, resolve_impl

@@ -37,7 +37,8 @@ def ragged_attention_cpu(q: jax.Array, kv_view: jax.Array, block_tables: jax.Arr
                seq.astype(jnp.int32), pos.astype(jnp.int32), jnp.asarray(layer, jnp.int32),
                kv_dtype=np.int64(KV_DTYPE_CODES[fmt.kv_dtype]),
                num_layers=np.int64(fmt.num_layers), num_kv_heads=np.int64(fmt.num_kv_heads),
-               tokens_per_block=np.int64(fmt.tokens_per_block))
+               tokens_per_block=np.int64(fmt.tokens_per_block),
+               data_words=np.int64(fmt.data_words), scale_words=np.int64(fmt.scale_words))
     return out.astype(q.dtype)
 
 
@@ -51,10 +52,6 @@ def decode_attention_cpu(q: jax.Array, kv_view: jax.Array, block_tables: jax.Arr
                                 defines=defines)
 
 
-def prefill_attention_cpu(q: jax.Array, kv_view: jax.Array, block_tables: jax.Array,
-                          q_seq: jax.Array, q_pos: jax.Array, *, fmt: KVFormat, layer,
-                          defines: Tuple[str, ...] = ()) -> jax.Array:
-    """q `[N, Hq, D]` packed, q_seq / q_pos `[N]` (q_pos -1: padding -> zeros) ->
-    `[N, Hq, D]`."""
-    return ragged_attention_cpu(q, kv_view, block_tables, q_seq, q_pos, fmt=fmt, layer=layer,
-                                defines=defines)
+# Prefill is the ragged call itself: q `[N, Hq, D]` packed, q_seq / q_pos `[N]` (q_pos -1:
+# padding -> zeros).
+prefill_attention_cpu = ragged_attention_cpu

@@ -208,7 +208,8 @@ ffi::Error RaggedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::S32> seq, ffi::Buffer<ffi::S32> pos,
                                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out,
                                int64_t kv_dtype, int64_t num_layers, int64_t num_kv_heads,
-                               int64_t tokens_per_block) {
+                               int64_t tokens_per_block, int64_t data_words,
+                               int64_t scale_words) {
   auto qd = q.dimensions();
   auto vd = view.dimensions();
   auto td = tables.dimensions();
@@ -220,11 +221,11 @@ ffi::Error RaggedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   g.num_kv_heads = num_kv_heads;
   g.tokens_per_block = tokens_per_block;
   g.head_dim = qd[2];
-  static const int64_t kBits[] = {16, 8, 8, 4};
-  static const int64_t kScales[] = {0, 1, 1, 2};
-  if (kv_dtype < 0 || kv_dtype > 3) return ffi::Error::InvalidArgument("ragged_attention: kv_dtype code");
-  g.data_words = g.head_dim * kBits[kv_dtype] / 32;
-  g.scale_words = kScales[kv_dtype];
+  if (kv_dtype < kBf16 || kv_dtype > kInt4) return ffi::Error::InvalidArgument("ragged_attention: kv_dtype code");
+  // Word counts come from KVFormat (the one place that knows them); the view's width checks
+  // that they agree with the arena.
+  g.data_words = data_words;
+  g.scale_words = scale_words;
   const int64_t rows = num_layers * 2 * num_kv_heads * tokens_per_block;
   g.data_region_words = rows * g.data_words;
   g.block_words = rows * (g.data_words + g.scale_words);
@@ -266,4 +267,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FineserveRaggedAttention, RaggedAttentionImpl,
                                   .Attr<int64_t>("kv_dtype")
                                   .Attr<int64_t>("num_layers")
                                   .Attr<int64_t>("num_kv_heads")
-                                  .Attr<int64_t>("tokens_per_block"));
+                                  .Attr<int64_t>("tokens_per_block")
+                                  .Attr<int64_t>("data_words")
+                                  .Attr<int64_t>("scale_words"));
