@@ -7,9 +7,29 @@ differ.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedKernel:
+    """Layer `index` of stacked kernels, not sliced: what a `Linear` inside the decoder's
+    layer scan holds when the caller can multiply by a layer of the stack in place.
+
+    stacked [layers, in, out]; index int32 scalar (traced); matmul(x [..., in], stacked,
+    index) -> [..., out] float32. Any other read of the kernel (`kernel[...]`) takes the
+    slice, as before."""
+
+    stacked: jax.Array
+    index: jax.Array
+    matmul: Callable
+
+    def __getitem__(self, key):
+        return self.stacked[self.index][key]
 
 
 class Linear(nnx.Module):
@@ -28,8 +48,12 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype),
-                       preferred_element_type=jnp.float32).astype(x.dtype)
+        kernel = self.kernel.get_value()
+        if isinstance(kernel, StackedKernel):
+            y = kernel.matmul(x, kernel.stacked, kernel.index).astype(x.dtype)
+        else:
+            y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype),
+                           preferred_element_type=jnp.float32).astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y

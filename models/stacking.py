@@ -12,16 +12,21 @@ tiny-qwen2 to qoq took 288 backend compiles and ~50 s under load.) It also works
 `nnx.eval_shape`. Its temporaries are `layers` times one layer's; building never holds a
 second copy of the stacked result. `layer_slice` takes one layer back
 out as an ordinary module (a copy of the slices: for calibration and inspection).
+`with_stacked_kernels` lets the dense layers of one scan step multiply by their layer of the
+stack in place instead of by the slice the scan copies out.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, Tuple
 
 import jax
 from flax import nnx
 
-__all__ = ["stack_modules", "layer_slice", "stacked_depth"]
+from models.linear import Linear, StackedKernel
+
+__all__ = ["stack_modules", "layer_slice", "stacked_depth", "dense_kernel_paths",
+           "with_stacked_kernels"]
 
 
 def stack_modules(build: Callable[..., nnx.Module], xs: Any) -> nnx.Module:
@@ -54,3 +59,26 @@ def stacked_depth(module: nnx.Module) -> int:
     if not leaves:
         raise ValueError("a stacked module needs at least one array")
     return int(leaves[0].shape[0])
+
+
+def dense_kernel_paths(module: nnx.Module) -> Tuple[tuple, ...]:
+    """State paths of the kernels of every dense `Linear` in `module` (not the quantized
+    formats, whose weights are not plain matrices)."""
+    return tuple(path + ("kernel",) for path, m in nnx.iter_modules(module)
+                 if type(m) is Linear)
+
+
+def with_stacked_kernels(layer_params: nnx.State, stacked_params: nnx.State,
+                         paths: Sequence[tuple], index: jax.Array,
+                         matmul: Callable) -> nnx.State:
+    """`layer_params` (one scan step's slices) with the kernel at each of `paths` replaced by
+    a `StackedKernel` of `stacked_params`' array there, layer `index`. The slices replaced
+    are then unused, so XLA drops their copies. Changes `layer_params` in place; returns it."""
+    for path in paths:
+        layer_node, stacked_node = layer_params, stacked_params
+        for key in path[:-1]:
+            layer_node, stacked_node = layer_node[key], stacked_node[key]
+        leaf = layer_node[path[-1]]
+        layer_node[path[-1]] = leaf.replace(
+            value=StackedKernel(stacked_node[path[-1]][...], index, matmul))
+    return layer_params

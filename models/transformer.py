@@ -10,7 +10,7 @@ Attention goes through an `AttentionBackend`, with the KV cache carried through 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,8 @@ from models.attention import AttentionBackend, CausalAttention
 from models.config import ModelConfig
 from models.layers import RMSNorm, apply_rope, rope_inv_freq, rope_tables
 from models.linear import Linear
-from models.stacking import layer_slice, stack_modules
+from models.stacking import (dense_kernel_paths, layer_slice, stack_modules,
+                             with_stacked_kernels)
 
 
 class SelfAttention(nnx.Module):
@@ -123,14 +124,22 @@ class Transformer(nnx.Module):
         return self.lm_head(x).astype(jnp.float32)
 
     def __call__(self, token_ids, positions, attention: AttentionBackend, cache: Any = None,
-                 logits_indices: Optional[jax.Array] = None):
+                 logits_indices: Optional[jax.Array] = None,
+                 stacked_matmul: Optional[Callable] = None):
+        """`stacked_matmul(x [..., in], stacked [layers, in, out], layer) -> [..., out]`
+        float32, when given, multiplies the dense layers by their layer of the stacked
+        kernels in place (e.g. `pallas_kernels.cpu.matmul.stacked_matmul_cpu`) instead of
+        by the slice the scan would copy out."""
         x = self.embed(token_ids)
         rope = self.rope(positions)
         graphdef, stacked = nnx.split(self.layers)
+        in_place = () if stacked_matmul is None else dense_kernel_paths(self.layers)
 
         def body(carry, xs):
             x, cache = carry
             params, i = xs
+            if in_place:
+                params = with_stacked_kernels(params, stacked, in_place, i, stacked_matmul)
             return nnx.merge(graphdef, params)(x, rope, i, attention, cache), None
 
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)

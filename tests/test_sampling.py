@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fineserve_jax.engine.sampling import greedy_tokens, sample_tokens
 
@@ -33,7 +34,13 @@ def _greedy_cases():
             [1.0, inf, 2.0, inf, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0], [7.0, 7.0, 7.0, 7.0, 7.0],
             [-1e30, -3e38, -1e30, 0.0, -0.0]]
     wide = np.random.default_rng(3).normal(size=(9, 49152)).astype(np.float32)
-    wide[4, [5, 40000]] = 9.0  # a tie far apart
+    wide[4, [5, 40000]] = 9.0  # a tie far apart (in different chunks of the vocabulary)
+    # the same cases across chunks: a NaN after the maximum, +inf and NaN, all -inf, a
+    # maximum in the last column
+    wide[5, [2, 49150]] = 99.0, nan
+    wide[6, [1, 30000, 49151]] = inf, nan, inf
+    wide[7] = -inf
+    wide[8, 49151] = 50.0
     return np.asarray(rows, np.float32), wide
 
 
@@ -63,6 +70,30 @@ def test_greedy_tokens_mutations_are_caught():
 
     for wrong in (last_tie, nan_blind):
         assert (np.asarray(jax.jit(wrong)(jnp.asarray(small))) != want).any(), wrong.__name__
+
+
+@pytest.mark.parametrize("mutant", ["last_chunk", "nan_blind_chunks"])
+def test_greedy_tokens_chunk_mutations_are_caught(mutant):
+    """The wide cases reject a two-stage argmax that takes the last chunk holding the
+    maximum, or that does not look for NaN across chunks."""
+    _, wide = _greedy_cases()
+    want = np.asarray(jnp.argmax(jnp.asarray(wide), axis=-1))
+
+    def wrong(logits):
+        r, v = logits.shape
+        x = logits.reshape(r, v // 1024, 1024)
+        chunk_max = jnp.max(x, axis=-1)
+        top = jnp.max(chunk_max, axis=-1, keepdims=True)
+        hold = chunk_max == top
+        if mutant == "last_chunk":
+            hold = hold | jnp.isnan(chunk_max)
+            j = hold.shape[-1] - 1 - jnp.argmax(hold[:, ::-1], axis=-1)
+        else:
+            j = jnp.argmax(hold, axis=-1)
+        chunk = jnp.take_along_axis(x, j[:, None, None], axis=1)[:, 0]
+        return j * 1024 + jnp.argmax((chunk == top) | jnp.isnan(chunk), axis=-1)
+
+    assert (np.asarray(jax.jit(wrong)(jnp.asarray(wide))) != want).any()
 
 
 def test_top_k_one_is_greedy_and_top_k_restricts_support():

@@ -1,10 +1,11 @@
 """Builds the C++ CPU kernels once per machine and registers them with XLA's FFI.
 
-The source ships with the package (`ragged_attention.cc`); the first process that asks for
-it compiles it with the system C++ compiler against jaxlib's FFI headers (a few seconds) into
-a per-user folder, keyed by everything that changes the object code (source, defines, flags,
-compiler, jaxlib, CPU features), and later processes load that file. The FFI target name
-carries the key, so an executable XLA cached for one build never calls another build.
+The sources ship with the package (`ragged_attention.cc`, `stacked_matmul.cc`); the first
+process that asks for a kernel compiles them, as one library, with the system C++ compiler
+against jaxlib's FFI headers (a few seconds) into a per-user folder, keyed by everything that
+changes the object code (sources, defines, flags, compiler, jaxlib, CPU features), and later
+processes load that file. The FFI target names carry the key, so an executable XLA cached
+for one build never calls another build.
 Without a compiler (or with `FINESERVE_JAX_CPU_KERNELS=0`) nothing is built and the
 dispatcher's "auto" uses the XLA path; an explicit `impl="cpu"` then raises with the reason.
 """
@@ -21,25 +22,29 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 
 log = logging.getLogger("fineserve_jax")
 
 __all__ = ["ENV_VAR", "DIR_ENV_VAR", "CpuKernelUnavailable", "kernel_dir",
-           "ragged_attention_target", "build_key", "unavailable_reason"]
+           "ragged_attention_target", "stacked_matmul_target", "build_key",
+           "unavailable_reason"]
 
 ENV_VAR = "FINESERVE_JAX_CPU_KERNELS"  # "0": never build or use the C++ kernels
 DIR_ENV_VAR = "FINESERVE_JAX_CPU_KERNEL_DIR"
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ragged_attention.cc")
-SYMBOL = "FineserveRaggedAttention"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("ragged_attention.cc", "stacked_matmul.cc"))
+# kernel -> the handler symbol the library exports for it
+SYMBOLS = {"ragged_attention": "FineserveRaggedAttention",
+           "stacked_matmul": "FineserveStackedMatmul"}
 # -fassociative-math lets GCC vectorize the dot and sum loops (summation order only; NaN and
 # infinities keep their meaning, unlike -ffast-math). -march=native: built where it runs.
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-fno-math-errno",
          "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-w")
-_libraries = {}  # target name -> ctypes.CDLL (kept alive for the process)
-_targets = {}  # build key -> registered target name
+_libraries = {}  # build key -> ctypes.CDLL (kept alive for the process)
+_targets = {}  # build key -> {kernel: registered target name}
 _failures = {}  # build key -> why it cannot be used
 _lock = threading.Lock()
 
@@ -84,8 +89,9 @@ def _key(cxx: str, defines: Tuple[str, ...]) -> str:
     import jaxlib
 
     h = hashlib.sha256()
-    with open(SOURCE, "rb") as f:
-        h.update(f.read())
+    for source in SOURCES:
+        with open(source, "rb") as f:
+            h.update(f.read())
     for part in (*FLAGS, *defines, _compiler_version(cxx), jaxlib.__version__,
                  platform.machine(), _cpu_features()):
         h.update(part.encode() + b"\0")
@@ -96,12 +102,12 @@ def _build(cxx: str, defines: Tuple[str, ...], path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
-    cmd = [cxx, *FLAGS, *(f"-D{d}" for d in defines), f"-I{jax.ffi.include_dir()}", SOURCE,
-           "-o", tmp]
+    cmd = [cxx, *FLAGS, *(f"-D{d}" for d in defines), f"-I{jax.ffi.include_dir()}",
+           *SOURCES, "-o", tmp]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
-            raise CpuKernelUnavailable(f"compiling {os.path.basename(SOURCE)} failed "
+            raise CpuKernelUnavailable(f"compiling the CPU kernels failed "
                                        f"({' '.join(cmd)}):\n{res.stderr[-2000:]}")
         os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
     finally:
@@ -109,7 +115,7 @@ def _build(cxx: str, defines: Tuple[str, ...], path: str) -> None:
             os.remove(tmp)
 
 
-def _load(defines: Tuple[str, ...]) -> str:
+def _load(defines: Tuple[str, ...]) -> Dict[str, str]:
     if os.environ.get(ENV_VAR, "1") == "0":
         raise CpuKernelUnavailable(f"the C++ CPU kernels are turned off ({ENV_VAR}=0)")
     cxx = _compiler()
@@ -121,39 +127,47 @@ def _load(defines: Tuple[str, ...]) -> str:
             raise CpuKernelUnavailable(_failures[key])
         if key in _targets:
             return _targets[key]
-        path = os.path.join(kernel_dir(), f"ragged_attention_{key}.so")
+        path = os.path.join(kernel_dir(), f"cpu_kernels_{key}.so")
         try:
             if not os.path.exists(path):
-                log.info("building the CPU attention kernel into %s", path)
+                log.info("building the CPU kernels into %s", path)
                 _build(cxx, defines, path)
             lib = ctypes.cdll.LoadLibrary(path)
         except (CpuKernelUnavailable, OSError, subprocess.SubprocessError) as e:
-            _failures[key] = f"the CPU attention kernel is unavailable: {e}"
+            _failures[key] = f"the CPU kernels are unavailable: {e}"
             raise CpuKernelUnavailable(_failures[key]) from e
-        name = f"fineserve_ragged_attention_{key}"
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, SYMBOL)),
-                                    platform="cpu")
-        _libraries[name] = lib
-        _targets[key] = name
-        return name
+        names = {}
+        for kernel, symbol in SYMBOLS.items():
+            names[kernel] = f"fineserve_{kernel}_{key}"
+            jax.ffi.register_ffi_target(names[kernel], jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+        _libraries[key] = lib
+        _targets[key] = names
+        return names
 
 
 def ragged_attention_target(defines: Tuple[str, ...] = ()) -> str:
     """The registered FFI target name of the CPU attention kernel, built if needed.
     `defines`: extra preprocessor macros (tests build mutated kernels this way).
     Raises CpuKernelUnavailable."""
-    return _load(tuple(defines))
+    return _load(tuple(defines))["ragged_attention"]
+
+
+def stacked_matmul_target(defines: Tuple[str, ...] = ()) -> str:
+    """The registered FFI target name of the CPU in-place stacked GEMM, built if needed
+    (`defines` as for `ragged_attention_target`). Raises CpuKernelUnavailable."""
+    return _load(tuple(defines))["stacked_matmul"]
 
 
 def build_key() -> Optional[str]:
-    """The key the kernel is (or would be) built under here, without building it; None
-    without a compiler. Stored executables that call the kernel are keyed by it too."""
+    """The key the kernels are (or would be) built under here, without building them; None
+    without a compiler. Stored executables that call a kernel are keyed by it too."""
     cxx = _compiler()
     return None if cxx is None else _key(cxx, ())
 
 
 def unavailable_reason() -> Optional[str]:
-    """None when the CPU kernel can be used in this process, else why not."""
+    """None when the CPU kernels can be used in this process, else why not."""
     try:
         ragged_attention_target()
     except CpuKernelUnavailable as e:
