@@ -25,6 +25,7 @@ compilation cache folder) and warm (the same folder again), with the engine's ow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -86,6 +87,18 @@ def output_lengths(scenario: str, n: int, new_tokens: int, seed: int):
     return [int(x) for x in np.random.default_rng(seed + 1).integers(lo, hi + 1, n)]
 
 
+def step_breakdown(before, after, wall_s: float) -> dict:
+    """Where one `generate` call's wall time went, from the loop's counters before and after
+    it (`core.loop.LoopStats`): prefill and decode steps, and the host time between them."""
+    prefill_s = after.prefill_busy_s - before.prefill_busy_s
+    decode_s = (after.busy_s - before.busy_s) - prefill_s
+    prefill = after.prefill_steps - before.prefill_steps
+    decode = (after.steps - before.steps) - prefill
+    return {"prefill_steps": prefill, "prefill_s": prefill_s, "decode_steps": decode,
+            "decode_s": decode_s, "decode_step_ms": 1e3 * decode_s / max(decode, 1),
+            "host_s": wall_s - prefill_s - decode_s}
+
+
 def engine_side(path: str, prompts, lengths, reps: int):
     from fineserve_jax import LLM, SamplingParams
     from fineserve_jax.core.buckets import Buckets
@@ -100,19 +113,21 @@ def engine_side(path: str, prompts, lengths, reps: int):
     startup = time.perf_counter() - t0
     sps = [SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True) for k in lengths]
     llm.generate(prompts[:4], sps[:4])  # warm the host path
-    times, outs = [], None
+    times, outs, stats = [], None, llm.engine.loop.stats
     for _ in range(reps):
-        steps0 = llm.engine.num_steps
+        before = dataclasses.replace(stats)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sps)
         times.append(time.perf_counter() - t0)
-        steps = llm.engine.num_steps - steps0
+        breakdown = step_breakdown(before, stats, times[-1])
     got = [len(o.token_ids) for o in outs]
     if got != list(lengths):  # the figure below would count other work than asked for
         raise RuntimeError(f"the engine generated {got} tokens, asked for {list(lengths)}")
     tokens = sum(got)
     wall = statistics.median(times)
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": steps,
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "steps": breakdown["prefill_steps"] + breakdown["decode_steps"],
+            "breakdown": breakdown,  # of the last timed call
             "cached_prompt_tokens": sum(o.num_cached_tokens for o in outs),  # 0: full prefill
             "startup_s": startup, "startup": llm.engine.startup,
             "steady_state_compiles": llm.engine.steady_state_compiles,
@@ -220,6 +235,13 @@ def main(argv):
         t = r.get("transformers", {})
         print(f"{r['scenario']:>8} {r['prompts']:>7} {r['engine']['tokens_per_s']:>13.1f} {t.get('tokens_per_s', float('nan')):>19.1f} "
               f"{r.get('ratio_engine_over_transformers', float('nan')):>6.2f} {r.get('prompts_identical', '-'):>18} {r.get('mean_tokens_agreeing', float('nan')):>16.1f}")
+    print(f"\nengine, last timed call: {'scenario':>8} {'prompts':>7} {'prefill steps':>13} "
+          f"{'prefill s':>9} {'decode steps':>12} {'decode s':>8} {'ms/decode step':>14} {'host s':>6}")
+    for r in result["runs"].values():
+        b = r["engine"]["breakdown"]
+        print(f"{'':24} {r['scenario']:>8} {r['prompts']:>7} {b['prefill_steps']:>13} "
+              f"{b['prefill_s']:>9.2f} {b['decode_steps']:>12} {b['decode_s']:>8.2f} "
+              f"{b['decode_step_ms']:>14.1f} {b['host_s']:>6.2f}")
     for label, s in result.get("startup", {}).items():
         print(f"start-up {label}: {s['startup_s']:.1f} s (load {s['load_s']:.1f}, quantize "
               f"{s['quantize_s']:.1f}, compile {s['compile_s']:.1f}, profile {s['profile_s']:.1f}; "

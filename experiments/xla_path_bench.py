@@ -165,13 +165,13 @@ def _ablations(runner, arena, dx, px, reps: int):
     """Step time with the KV write only, the attention only, and neither (seconds)."""
     from flax import nnx
 
-    from fineserve_jax.engine.model_runner import layer_matmul
+    from fineserve_jax.engine.model_runner import layer_kernels
     from fineserve_jax.engine.sampling import sample_tokens
     from fineserve_jax.kvslab import arena as arena_lib
 
     graphdef = nnx.graphdef(runner.model.module)
     fmt, out = runner.fmt, {}
-    matmul = layer_matmul(runner.impl, runner.group)
+    kernels = layer_kernels(runner.impl, runner.group)
 
     def make(kind, write, attend):
         def step(params, arena, x):
@@ -180,11 +180,11 @@ def _ablations(runner, arena, dx, px, reps: int):
             view = arena_lib.typed_view(arena, fmt)
             if kind == "decode":
                 logits, view = module(x.tokens[:, None], x.positions[:, None], att, view,
-                                      stacked_matmul=matmul)
+                                      kernels=kernels)
                 logits = logits[:, 0]
             else:
                 logits, view = module(x.tokens[None], x.positions[None], att, view,
-                                      logits_indices=x.logits_idx[None], stacked_matmul=matmul)
+                                      logits_indices=x.logits_idx[None], kernels=kernels)
                 logits = logits[0]
             tok = sample_tokens(logits, x.temperature, x.top_k, x.top_p, x.seeds, x.steps)
             return arena_lib.from_view(view, arena.shape), tok

@@ -18,6 +18,7 @@ from flax import nnx
 
 from models.attention import AttentionBackend, CausalAttention
 from models.config import ModelConfig
+from models.layer_kernels import LayerKernels, swiglu
 from models.layers import RMSNorm, apply_rope, rope_inv_freq, rope_tables
 from models.linear import Linear
 from models.stacking import (dense_kernel_paths, layer_slice, stack_modules,
@@ -55,8 +56,9 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, d, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, activation: Optional[Callable] = None):
+        """x [B, T, d] -> [B, T, d]; activation(gate, up) replaces `swiglu` when given."""
+        return self.down_proj((activation or swiglu)(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nnx.Module):
@@ -66,11 +68,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, rope, layer, attention, cache):
+    def __call__(self, x, rope, layer, attention, cache, activation: Optional[Callable] = None):
         """One decoder layer: x [B, T, d] -> (x [B, T, d], cache)."""
         h, cache = self.self_attn(self.input_layernorm(x), rope, layer, attention, cache)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return x + self.mlp(self.post_attention_layernorm(x), activation), cache
 
 
 class Transformer(nnx.Module):
@@ -125,22 +127,23 @@ class Transformer(nnx.Module):
 
     def __call__(self, token_ids, positions, attention: AttentionBackend, cache: Any = None,
                  logits_indices: Optional[jax.Array] = None,
-                 stacked_matmul: Optional[Callable] = None):
-        """`stacked_matmul(x [..., in], stacked [layers, in, out], layer) -> [..., out]`
-        float32, when given, multiplies the dense layers by their layer of the stacked
-        kernels in place (e.g. `pallas_kernels.cpu.matmul.stacked_matmul_cpu`) instead of
-        by the slice the scan would copy out."""
+                 kernels: Optional[LayerKernels] = None):
+        """`kernels`: a backend's implementations of the layer body's dense parts (see
+        `models.layer_kernels`); None: plain JAX throughout."""
+        kernels = kernels or LayerKernels()
         x = self.embed(token_ids)
         rope = self.rope(positions)
         graphdef, stacked = nnx.split(self.layers)
-        in_place = () if stacked_matmul is None else dense_kernel_paths(self.layers)
+        matmul = kernels.stacked_matmul
+        in_place = () if matmul is None else dense_kernel_paths(self.layers)
 
         def body(carry, xs):
             x, cache = carry
             params, i = xs
             if in_place:
-                params = with_stacked_kernels(params, stacked, in_place, i, stacked_matmul)
-            return nnx.merge(graphdef, params)(x, rope, i, attention, cache), None
+                params = with_stacked_kernels(params, stacked, in_place, i, matmul)
+            layer = nnx.merge(graphdef, params)
+            return layer(x, rope, i, attention, cache, kernels.swiglu), None
 
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layer_ids))

@@ -12,7 +12,7 @@ Files: `kv_unpack` (in-kernel dequantization), `tile_math` (flash-attention tile
 arithmetic), `decode_triton`, `prefill_triton` (Pallas Triton kernels), `query_tiles`
 (per-sequence query tiles for prefill), `reference` (jnp oracle), `xla_attention` (the XLA
 path that reads only the blocks a step needs), `cpu/` (C++ kernels through XLA's FFI for the
-CPU backend: attention, and the dense layers' GEMM reading stacked weights in place),
+CPU backend: attention, the dense layers' GEMM reading stacked weights in place, SwiGLU),
 `kv_gather` / `kv_write` (XLA gather / scatter), `layer_arg` (the layer
 argument), `dispatch` (impl selection), `triton_compat` (JAX version shims). The block
 layout's word offsets are `fineserve_jax.formats.kv_layout`.

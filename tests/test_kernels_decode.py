@@ -102,8 +102,12 @@ def test_decode_cpu_kernel_matches_reference(case):
 
 @T.needs_cpu_kernel
 def test_decode_cpu_kernel_odd_shapes_and_bf16_queries():
-    """6 tokens per block, group of 4, head_dim 32, ragged lengths; bf16 q -> bf16 out."""
+    """6 tokens per block, group of 4, head_dim 32, ragged lengths; bf16 q -> bf16 out; a
+    group of 5 with head_dim 80 (a vector pass of 4 then 1) and head_dim 24 (not a whole
+    number of vectors: the scalar loops)."""
     _run_case("int8", 8, 2, 16, 6, [1, 5, 6, 7, 30, 0], 6, None, None, None, impl="cpu")
+    _run_case("bf16", 10, 2, 80, 4, [3, 9, 1, 0], 3, None, None, None, impl="cpu")
+    _run_case("fp8", 6, 2, 24, 4, [5, 12, 0], 3, None, None, None, impl="cpu")
     _run_case("bf16", 16, 1, 32, 8, [9, 16, 17, 0, 30], 4, None, None, None,
               q_dtype=jnp.bfloat16, impl="cpu")
 

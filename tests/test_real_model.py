@@ -161,6 +161,9 @@ def test_cpu_bench_runs_both_scenarios(smollm2, tmp_path):
         assert run["engine"]["steady_state_compiles"] == 0
         assert run["engine"]["cached_prompt_tokens"] == 0  # same prefill work as transformers
     assert runs["fixed/3"]["requested_tokens"] == 18
+    b = runs["fixed/3"]["engine"]["breakdown"]  # one prefill of 3 prompts, 5 decode steps
+    assert (b["prefill_steps"], b["decode_steps"]) == (1, 5)
+    assert b["prefill_s"] > 0 and b["decode_s"] > 0 and b["host_s"] >= 0
     assert runs["mixed/3"]["longest_request"] * 3 > runs["mixed/3"]["requested_tokens"]
     assert "mixed" in proc.stdout and "fixed" in proc.stdout
 

@@ -93,6 +93,10 @@ def test_two_requests_batch_exactly():
     assert a.ttft_s == pytest.approx(pf) and b.ttft_s == pytest.approx(pf)
     assert a.e2e_s == pytest.approx(pf + 2 * 0.022)
     assert b.e2e_s == pytest.approx(pf + 2 * 0.022 + 2 * 0.021)
+    dev = res.devices[0]  # the loop's step counters, split by kind
+    assert (dev.steps, dev.prefill_steps) == (5, 1)
+    assert dev.prefill_busy_s == pytest.approx(pf)
+    assert dev.busy_s == pytest.approx(pf + 2 * 0.022 + 2 * 0.021)
 
 
 def test_requests_the_engine_would_refuse_fail_and_are_counted():

@@ -20,12 +20,15 @@ from flax import nnx
 import kernel_testing as T
 from fineserve_jax import load_model
 from models.attention import CausalAttention
+from models.layer_kernels import LayerKernels
 from models.stacking import dense_kernel_paths
 from pallas_kernels.cpu.matmul import stacked_matmul_cpu, stacked_matmul_reference
 
 # (rows, in, out): tails of the 8- and 4-row tiles, of the 16/8-wide vectors and the
-# 48/24-column panels; more rows than one 64-row chunk.
-SHAPES = [(1, 5, 3), (7, 33, 17), (9, 64, 48), (13, 70, 100), (64, 576, 192), (130, 96, 80)]
+# 48/24-column panels; more rows than one 64-row chunk; K over several blocks with a tail
+# (32-row blocks up to 16 rows, 64 above), more column panels than one group.
+SHAPES = [(1, 5, 3), (7, 33, 17), (9, 64, 48), (13, 70, 100), (64, 576, 192), (130, 96, 80),
+          (16, 100, 1000), (40, 200, 400)]
 
 
 def _check(x, w, layer, **kw):
@@ -57,6 +60,10 @@ def test_stacked_matmul_wrong_layer_and_kernel_mutant_are_caught():
                                    rtol=1e-5, atol=1e-4)
     with pytest.raises(AssertionError):  # kernel mutation: the last input feature dropped
         _check(x, w, 1, defines=("FINESERVE_MUTATE_SKIP_LAST_K",))
+    x, w = _operands(20, 150, 96)
+    _check(x, w, 1)
+    with pytest.raises(AssertionError):  # kernel mutation: sums restart at every K block
+        _check(x, w, 1, defines=("FINESERVE_MUTATE_RESTART_BLOCKS",))
 
 
 @T.needs_cpu_kernel
@@ -102,7 +109,7 @@ def test_decoder_with_the_in_place_gemm():
     positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
 
     def logits(matmul):
-        return jax.jit(lambda t, p: module(t, p, CausalAttention(), stacked_matmul=matmul)[0])
+        return jax.jit(lambda t, p: module(t, p, CausalAttention(), kernels=LayerKernels(matmul))[0])
 
     plain, in_place = logits(None), logits(stacked_matmul_cpu)
     np.testing.assert_allclose(np.asarray(in_place(tokens, positions)),

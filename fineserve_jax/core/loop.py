@@ -70,6 +70,7 @@ class LoopStats:
     steps: int = 0
     prefill_steps: int = 0
     busy_s: float = 0.0  # seconds spent in steps
+    prefill_busy_s: float = 0.0  # of which in prefill steps
     failed_steps: int = 0
     recoveries: int = 0
     compaction_runs: int = 0
@@ -204,6 +205,7 @@ class DeviceLoop:
         st.busy_s += result.seconds
         if plan.kind == "prefill":
             st.prefill_steps += 1
+            st.prefill_busy_s += result.seconds
         if self.step_log is not None:
             self.step_log.append(StepRecord(plan.model, plan.kind, len(plan.seqs),
                                             result.bucket or plan.size, result.seconds,

@@ -29,23 +29,27 @@ from fineserve_jax.engine.step_inputs import StepInputs, empty_inputs
 from fineserve_jax.formats import KVFormat
 from fineserve_jax.kvslab import arena as arena_lib
 from fineserve_jax.loader import Model
+from models.layer_kernels import LayerKernels
 from pallas_kernels import resolve_impl
+from pallas_kernels.cpu.activation import swiglu_cpu
 from pallas_kernels.cpu.matmul import stacked_matmul_cpu
 
 
-def layer_matmul(impl: str, group: Optional[DeviceGroup] = None):
-    """The `stacked_matmul` a step's decoder uses (`Transformer.__call__`): with the C++ CPU
-    kernels (impl "cpu") the dense layers read their layer of the stacked weights in place;
-    else (and across devices: GSPMD cannot split a custom call) None, XLA's dot of the
-    slice."""
-    return stacked_matmul_cpu if impl == "cpu" and (group is None or group.tp == 1) else None
+def layer_kernels(impl: str, group: Optional[DeviceGroup] = None) -> Optional[LayerKernels]:
+    """The `LayerKernels` a step's decoder uses (`Transformer.__call__`): with the C++ CPU
+    kernels (impl "cpu") the dense layers read their layer of the stacked weights in place
+    and the MLP's activation is the vectorized kernel; else (and across devices: GSPMD
+    cannot split a custom call) None, plain JAX."""
+    if impl == "cpu" and (group is None or group.tp == 1):
+        return LayerKernels(stacked_matmul=stacked_matmul_cpu, swiglu=swiglu_cpu)
+    return None
 
 
 def _step_fn(graphdef, fmt: KVFormat, kind: str, impl: str, interpret=None,
              group: Optional[DeviceGroup] = None, split: Optional[KVSplit] = None):
     """The step `(params, arena, x) -> (arena, logits [rows, vocab] float32)`. With a group
     of tp > 1 devices, `fmt` is the per-device KV format and the arena is split by rows."""
-    matmul = layer_matmul(impl, group)
+    kernels = layer_kernels(impl, group)
 
     def step(params, arena, x: StepInputs):
         module = nnx.merge(graphdef, params)
@@ -53,11 +57,11 @@ def _step_fn(graphdef, fmt: KVFormat, kind: str, impl: str, interpret=None,
         view = arena_lib.typed_view(arena, fmt)
         if kind == "decode":
             logits, view = module(x.tokens[:, None], x.positions[:, None], backend, view,
-                                  stacked_matmul=matmul)
+                                  kernels=kernels)
             logits = logits[:, 0]
         else:
             logits, view = module(x.tokens[None], x.positions[None], backend, view,
-                                  logits_indices=x.logits_idx[None], stacked_matmul=matmul)
+                                  logits_indices=x.logits_idx[None], kernels=kernels)
             logits = logits[0]
         return arena_lib.from_view(view, arena.shape), logits.astype(jax.numpy.float32)
 

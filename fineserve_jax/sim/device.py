@@ -43,6 +43,7 @@ class DeviceResult:
     steps: int
     prefill_steps: int
     busy_s: float  # simulated seconds spent in steps
+    prefill_busy_s: float  # of which in prefill steps
     end_s: float  # when the last request ended
     preemptions: int
     wall_s: float
@@ -50,7 +51,8 @@ class DeviceResult:
 
     def stats(self) -> dict:
         return {"device": self.device_id, "requests": len(self.records), "steps": self.steps,
-                "prefill_steps": self.prefill_steps, "busy_s": self.busy_s, "end_s": self.end_s,
+                "prefill_steps": self.prefill_steps, "busy_s": self.busy_s,
+                "prefill_busy_s": self.prefill_busy_s, "end_s": self.end_s,
                 "utilization": self.busy_s / self.end_s if self.end_s > 0 else 0.0,
                 "preemptions": self.preemptions, "kv_arena_bytes": self.kv_arena_bytes,
                 "slab_bytes": self.slab_bytes, "num_slabs": self.num_slabs, "wall_s": self.wall_s}
@@ -123,7 +125,7 @@ class DeviceSim:
             device_id=self.device.id, records=self.loop.records(),
             kv_samples=self.loop.kv_samples, kv_arena_bytes=self.arena_bytes,
             slab_bytes=self.slab_bytes, num_slabs=self.num_slabs, steps=st.steps,
-            prefill_steps=st.prefill_steps, busy_s=st.busy_s,
+            prefill_steps=st.prefill_steps, busy_s=st.busy_s, prefill_busy_s=st.prefill_busy_s,
             end_s=max((s.finish_s for s in states), default=0.0),
             preemptions=self.scheduler.num_preemptions, wall_s=time.perf_counter() - t_wall,
             prefix_cache=self.scheduler.prefix_cache_stats())

@@ -1,9 +1,9 @@
 """Builds the C++ CPU kernels once per machine and registers them with XLA's FFI.
 
-The sources ship with the package (`ragged_attention.cc`, `stacked_matmul.cc`); the first
-process that asks for a kernel compiles them, as one library, with the system C++ compiler
-against jaxlib's FFI headers (a few seconds) into a per-user folder, keyed by everything that
-changes the object code (sources, defines, flags, compiler, jaxlib, CPU features), and later
+The sources ship with the package (`ragged_attention.cc`, `stacked_matmul.cc`, `swiglu.cc`);
+the first process that asks for a kernel compiles them, as one library, with the system C++
+compiler against jaxlib's FFI headers (a few seconds) into a per-user folder, keyed by
+everything that changes the object code (sources, defines, flags, compiler, jaxlib, CPU features), and later
 processes load that file. The FFI target names carry the key, so an executable XLA cached
 for one build never calls another build.
 Without a compiler (or with `FINESERVE_JAX_CPU_KERNELS=0`) nothing is built and the
@@ -29,16 +29,19 @@ import jax
 log = logging.getLogger("fineserve_jax")
 
 __all__ = ["ENV_VAR", "DIR_ENV_VAR", "CpuKernelUnavailable", "kernel_dir",
-           "ragged_attention_target", "stacked_matmul_target", "build_key",
+           "ragged_attention_target", "stacked_matmul_target", "swiglu_target", "build_key",
            "unavailable_reason"]
 
 ENV_VAR = "FINESERVE_JAX_CPU_KERNELS"  # "0": never build or use the C++ kernels
 DIR_ENV_VAR = "FINESERVE_JAX_CPU_KERNEL_DIR"
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(_HERE, f) for f in ("ragged_attention.cc", "stacked_matmul.cc"))
+SOURCES = tuple(os.path.join(_HERE, f)
+                for f in ("ragged_attention.cc", "stacked_matmul.cc", "swiglu.cc"))
+HEADERS = tuple(os.path.join(_HERE, f) for f in ("parallel_for.h", "vector_math.h"))
 # kernel -> the handler symbol the library exports for it
 SYMBOLS = {"ragged_attention": "FineserveRaggedAttention",
-           "stacked_matmul": "FineserveStackedMatmul"}
+           "stacked_matmul": "FineserveStackedMatmul",
+           "swiglu": "FineserveSwiglu"}
 # -fassociative-math lets GCC vectorize the dot and sum loops (summation order only; NaN and
 # infinities keep their meaning, unlike -ffast-math). -march=native: built where it runs.
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-fno-math-errno",
@@ -89,7 +92,7 @@ def _key(cxx: str, defines: Tuple[str, ...]) -> str:
     import jaxlib
 
     h = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         with open(source, "rb") as f:
             h.update(f.read())
     for part in (*FLAGS, *defines, _compiler_version(cxx), jaxlib.__version__,
@@ -157,6 +160,12 @@ def stacked_matmul_target(defines: Tuple[str, ...] = ()) -> str:
     """The registered FFI target name of the CPU in-place stacked GEMM, built if needed
     (`defines` as for `ragged_attention_target`). Raises CpuKernelUnavailable."""
     return _load(tuple(defines))["stacked_matmul"]
+
+
+def swiglu_target(defines: Tuple[str, ...] = ()) -> str:
+    """The registered FFI target name of the CPU silu(gate) * up kernel, built if needed
+    (`defines` as for `ragged_attention_target`). Raises CpuKernelUnavailable."""
+    return _load(tuple(defines))["swiglu"]
 
 
 def build_key() -> Optional[str]:

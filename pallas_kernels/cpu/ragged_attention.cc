@@ -8,14 +8,13 @@
 // depend on the rest of the batch. Rows are split over XLA's intra-op thread pool.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_for.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -52,21 +51,13 @@ struct Fp8Table {
 };
 const Fp8Table kFp8Values;
 
-// Rows row0..row0+n-1 (consecutive tokens of one layer, K|V and head) of a block ->
+// Rows row0..row0+n-1 (consecutive tokens of one layer, K|V and head) of a block in fp8,
+// int8 or int4 (bf16 is read in place) ->
 // float32 [n, head_dim] in `out`. Word by word: element e of a row sits in word e / per_word
 // at bit (e % per_word) * bits (kv_codec.pack_narrow, little-endian).
 inline void DequantRows(const Geometry& g, const uint32_t* block, int64_t row0, int64_t n,
                         float* out) {
-  const int64_t words = n * g.data_words;
   const uint32_t* w = block + row0 * g.data_words;
-  if (g.kv_dtype == kBf16) {
-    uint32_t* o = reinterpret_cast<uint32_t*>(out);
-    for (int64_t i = 0; i < words; ++i) {
-      o[2 * i] = w[i] << 16;
-      o[2 * i + 1] = w[i] & 0xFFFF0000u;
-    }
-    return;
-  }
   const int64_t d = g.head_dim;
   const uint32_t* sw = block + g.data_region_words + row0 * g.scale_words;
   for (int64_t r = 0; r < n; ++r) {
@@ -91,10 +82,90 @@ inline void DequantRows(const Geometry& g, const uint32_t* block, int64_t row0, 
   }
 }
 
-inline float Dot(const float* a, const float* b, int64_t n) {
+// Element i of a K or V row: float32 (dequantized into scratch) or bf16 read in place (the
+// row's halfwords are its elements in order, kv_codec.pack_narrow).
+inline float Elem(const float* row, int64_t i) { return row[i]; }
+inline float Elem(const uint16_t* row, int64_t i) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(row[i]) << 16);
+}
+
+template <typename T>
+inline float Dot(const float* a, const T* b, int64_t n) {
   float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) s += a[i] * Elem(b, i);
   return s;
+}
+
+inline fineserve::Vec LoadRow(const float* p) { return fineserve::Load(p); }
+inline fineserve::Vec LoadRow(const uint16_t* p) { return fineserve::LoadBf16(p); }
+
+// Query heads (of one KV head) and column vectors taken together in the loops below: enough
+// independent sums to hide the FMA latency, few enough to stay in registers.
+constexpr int64_t kHeadsAtOnce = 4;
+constexpr int64_t kVecsAtOnce = 4;
+
+// sc[j, t] = q_j . k_t * scale for the block's nt rows k [nt, d] (each K row is loaded once
+// for all query heads).
+template <typename T>
+void Scores(const float* qs, const T* k, int64_t nt, int64_t d, int64_t groups, int64_t t_blk,
+            float scale, float* sc) {
+  using namespace fineserve;
+  if (d % kVec != 0) {
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t j = 0; j < groups; ++j) sc[j * t_blk + t] = Dot(qs + j * d, k + t * d, d) * scale;
+    return;
+  }
+  for (int64_t t = 0; t < nt; ++t) {
+    const T* kt = k + t * d;
+    for (int64_t j0 = 0; j0 < groups; j0 += kHeadsAtOnce) {
+      const int64_t jn = std::min(kHeadsAtOnce, groups - j0);
+      Vec s[kHeadsAtOnce];
+#pragma GCC unroll 4
+      for (int64_t j = 0; j < kHeadsAtOnce; ++j) s[j] = Zero();
+      for (int64_t i0 = 0; i0 < d; i0 += kVec) {
+        const Vec kv = LoadRow(kt + i0);
+#pragma GCC unroll 4
+        for (int64_t j = 0; j < kHeadsAtOnce; ++j)
+          if (j < jn) s[j] = Fma(Load(qs + (j0 + j) * d + i0), kv, s[j]);
+      }
+      for (int64_t j = 0; j < jn; ++j) sc[(j0 + j) * t_blk + t] = ReduceAdd(s[j]) * scale;
+    }
+  }
+}
+
+// acc[j, :] += sum over t (in increasing t) of sc[j, t] * v_t, for the block's rows v [nt, d].
+template <typename T>
+void Accumulate(const float* sc, const T* v, int64_t nt, int64_t d, int64_t groups,
+                int64_t t_blk, float* acc) {
+  using namespace fineserve;
+  if (d % kVec != 0) {
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t j = 0; j < groups; ++j) {
+        const float e = sc[j * t_blk + t];
+        for (int64_t i = 0; i < d; ++i) acc[j * d + i] = std::fma(e, Elem(v + t * d, i), acc[j * d + i]);
+      }
+    return;
+  }
+  // Up to kVecsAtOnce column vectors of one head at a time, their sums in registers over t.
+  for (int64_t j = 0; j < groups; ++j) {
+    for (int64_t i0 = 0; i0 < d; i0 += kVecsAtOnce * kVec) {
+      const int64_t vn = std::min<int64_t>(kVecsAtOnce, (d - i0) / kVec);
+      float* a = acc + j * d + i0;
+      Vec s[kVecsAtOnce];
+#pragma GCC unroll 4
+      for (int64_t c = 0; c < kVecsAtOnce; ++c) s[c] = c < vn ? Load(a + c * kVec) : Zero();
+      for (int64_t t = 0; t < nt; ++t) {
+        const Vec e = Broadcast(sc + j * t_blk + t);
+        const T* row = v + t * d + i0;
+#pragma GCC unroll 4
+        for (int64_t c = 0; c < kVecsAtOnce; ++c)
+          if (c < vn) s[c] = Fma(e, LoadRow(row + c * kVec), s[c]);
+      }
+#pragma GCC unroll 4
+      for (int64_t c = 0; c < kVecsAtOnce; ++c)
+        if (c < vn) Store(a + c * kVec, s[c]);
+    }
+  }
 }
 
 struct Problem {
@@ -149,16 +220,24 @@ void AttendOne(const Problem& p, int64_t n, int64_t h, std::vector<float>& scrat
     const int64_t bid = std::clamp<int64_t>(p.tables[s * p.width + col], 0, p.num_blocks - 1);
     const uint32_t* block = p.view + bid * g.block_words;
     const int64_t nt = std::min(t_blk, last - c * t_blk + 1);
-    DequantRows(g, block, k_row0, nt, kv);
-    for (int64_t t = 0; t < nt; ++t)
-      for (int64_t j = 0; j < groups; ++j) sc[j * t_blk + t] = Dot(qs + j * d, kv + t * d, d) * scale;
+    // bf16 rows are read where they lie; the other formats are dequantized into scratch.
+    const bool bf16 = g.kv_dtype == kBf16;
+    auto rows = [&](int64_t row0) {
+      return reinterpret_cast<const uint16_t*>(block + row0 * g.data_words);
+    };
+    if (bf16) {
+      Scores(qs, rows(k_row0), nt, d, groups, t_blk, scale, sc);
+    } else {
+      DequantRows(g, block, k_row0, nt, kv);
+      Scores(qs, kv, nt, d, groups, t_blk, scale, sc);
+    }
     for (int64_t j = 0; j < groups; ++j) {
       float mx = m[j];
       for (int64_t t = 0; t < nt; ++t) mx = std::max(mx, sc[j * t_blk + t]);
-      const float corr = std::exp(m[j] - mx);
+      const float corr = fineserve::Exp(m[j] - mx);
       float sum = 0.0f;
       for (int64_t t = 0; t < nt; ++t) {
-        const float e = std::exp(sc[j * t_blk + t] - mx);
+        const float e = fineserve::Exp(sc[j * t_blk + t] - mx);
         sc[j * t_blk + t] = e;
         sum += e;
       }
@@ -167,14 +246,11 @@ void AttendOne(const Problem& p, int64_t n, int64_t h, std::vector<float>& scrat
       float* a = acc + j * d;
       for (int64_t i = 0; i < d; ++i) a[i] *= corr;
     }
-    DequantRows(g, block, v_row0, nt, kv);
-    for (int64_t t = 0; t < nt; ++t) {
-      const float* row = kv + t * d;
-      for (int64_t j = 0; j < groups; ++j) {
-        const float e = sc[j * t_blk + t];
-        float* a = acc + j * d;
-        for (int64_t i = 0; i < d; ++i) a[i] += e * row[i];
-      }
+    if (bf16) {
+      Accumulate(sc, rows(v_row0), nt, d, groups, t_blk, acc);
+    } else {
+      DequantRows(g, block, v_row0, nt, kv);
+      Accumulate(sc, kv, nt, d, groups, t_blk, acc);
     }
   }
   for (int64_t j = 0; j < groups; ++j) {
@@ -183,25 +259,6 @@ void AttendOne(const Problem& p, int64_t n, int64_t h, std::vector<float>& scrat
     for (int64_t i = 0; i < d; ++i) out[j * d + i] = acc[j * d + i] * inv;
   }
 }
-
-// Units (row, head) are taken from a shared counter by the caller and by pool tasks, so the
-// caller never waits on a task that has not started; the state outlives late tasks.
-struct Work {
-  Problem p;
-  int64_t units, chunk;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  void Run() {
-    std::vector<float> scratch;
-    for (;;) {
-      const int64_t start = next.fetch_add(chunk);
-      if (start >= units) return;
-      const int64_t stop = std::min(units, start + chunk);
-      for (int64_t u = start; u < stop; ++u) AttendOne(p, u / p.g.num_kv_heads, u % p.g.num_kv_heads, scratch);
-      done.fetch_add(stop - start);
-    }
-  }
-};
 
 ffi::Error RaggedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::U32> view, ffi::Buffer<ffi::S32> tables,
@@ -233,22 +290,20 @@ ffi::Error RaggedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (qd[1] % num_kv_heads) return ffi::Error::InvalidArgument("ragged_attention: Hq not a multiple of kv heads");
   const int64_t lay = layer.typed_data()[0];
   if (lay < 0 || lay >= num_layers) return ffi::Error::InvalidArgument("ragged_attention: layer out of range");
-  auto work = std::make_shared<Work>();
-  work->p = Problem{g, q.typed_data(), view.typed_data(), vd[0], tables.typed_data(), td[0],
-                    td[1], seq.typed_data(), pos.typed_data(), lay, qd[1], out->typed_data()};
-  work->units = qd[0] * num_kv_heads;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->chunk = std::max<int64_t>(1, work->units / (threads * 4));
-  if (work->p.width <= 0 || work->p.num_blocks <= 0) {
+  const Problem p{g, q.typed_data(), view.typed_data(), vd[0], tables.typed_data(), td[0],
+                  td[1], seq.typed_data(), pos.typed_data(), lay, qd[1], out->typed_data()};
+  if (p.width <= 0 || p.num_blocks <= 0) {
     std::fill(out->typed_data(), out->typed_data() + out->element_count(), 0.0f);
     return ffi::Error::Success();
   }
-  const int64_t helpers = std::min<int64_t>(threads, (work->units + work->chunk - 1) / work->chunk) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->units) {
-    std::this_thread::yield();  // the last units are with tasks that have started
-  }
+  // One unit: a (query row, KV head).
+  const int64_t units = qd[0] * num_kv_heads;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  fineserve::ParallelFor(pool, units, units / (threads * 4), [p](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t u = begin; u < end; ++u)
+      AttendOne(p, u / p.g.num_kv_heads, u % p.g.num_kv_heads, scratch);
+  });
   return ffi::Error::Success();
 }
 
