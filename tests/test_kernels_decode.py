@@ -211,6 +211,21 @@ def test_dispatch(monkeypatch):
         decode_attention(*args, fmt=batch.fmt, layer=jnp.zeros((2,), jnp.int32))
 
 
+@T.needs_cpu_kernel
+def test_cpu_kernel_build_failure_is_reported_once(tmp_path, monkeypatch):
+    """A source that does not compile (here a macro that breaks every file) raises
+    CpuKernelUnavailable naming the failing compile and the compiler's message; the failure
+    is remembered, so the next call raises at once instead of compiling again."""
+    monkeypatch.setenv(cpu_build.DIR_ENV_VAR, str(tmp_path))
+    broken = ("int64_t=struct",)
+    with pytest.raises(cpu_build.CpuKernelUnavailable,
+                       match=r"compiling the CPU kernels failed[\s\S]*\.cc"):
+        cpu_build.stacked_matmul_target(broken)
+    with pytest.raises(cpu_build.CpuKernelUnavailable, match="compiling the CPU kernels"):
+        cpu_build.swiglu_target(broken)
+    assert not any(p.suffix == ".so" for p in tmp_path.iterdir())  # nothing half-built left
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_dtype,group,t,splits", list(itertools.product(
     ["bf16", "fp8", "int8", "int4"], [1, 4, 8], [4, 8], [1, 3])))
