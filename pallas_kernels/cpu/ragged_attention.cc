@@ -300,7 +300,7 @@ ffi::Error RaggedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const int64_t units = qd[0] * num_kv_heads;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   fineserve::ParallelFor(pool, units, units / (threads * 4), [p](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
+    thread_local std::vector<float> scratch;  // one per worker, not one per piece
     for (int64_t u = begin; u < end; ++u)
       AttendOne(p, u / p.g.num_kv_heads, u % p.g.num_kv_heads, scratch);
   });
