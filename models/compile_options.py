@@ -5,18 +5,27 @@ emitters for this project's programs, with the same run time (measured 2026-12-0
 JAX 0.10.2: a tiny-llama prefill step 1.21 -> 0.89 CPU-s to compile; the main serve job's
 33 steps + 7 samplers 32.5 -> 23.8 s; SmolLM2 decode b32 122 vs 117 ms, prefill 338 vs 343
 ms: equal within noise). A start-up of dozens of bucketed steps is compile-bound, so CPU
-programs are compiled with the classic emitters. The options are per program (never the
+programs are compiled with the classic emitters, and with LLVM's optimization level 1 instead
+of 2: the main job's steps compile in 44 instead of 55 CPU-s, and a SmolLM2 decode step of 64
+rows (its GEMMs and attention are C++ kernels) runs as fast (best of two runs each: 239 ms at
+both levels; level 0: 399 ms; 2026-12-03, WORKSPACE_NOTES.md). The options are per program (never the
 process-wide `XLA_FLAGS`, so a user's own JAX code is untouched); a jaxlib that no longer
 knows an option gets none (checked once by compiling a one-op program), and
 `FINESERVE_JAX_XLA_DEFAULTS=1` turns them off.
+
+Programs that run once (building the stacked layers, quantizing them, calibration searches:
+`one_shot_options`) are compiled for compile speed: on CPU without LLVM's optimizations, which
+cuts their compile time ~3x and changes no result (XLA emits reductions in a fixed order and
+never enables fast-math reassociation; LLVM's optimizations only speed the same arithmetic).
 """
+
 
 from __future__ import annotations
 
 import functools
 import logging
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +34,16 @@ log = logging.getLogger("fineserve_jax")
 
 ENV_VAR = "FINESERVE_JAX_XLA_DEFAULTS"
 _BY_PLATFORM: Dict[str, Dict[str, object]] = {
-    "cpu": {"xla_cpu_use_fusion_emitters": False},
+    "cpu": {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1},
+}
+_ONE_SHOT_BY_PLATFORM: Dict[str, Dict[str, object]] = {
+    "cpu": {"xla_backend_optimization_level": 0},
 }
 
 
 @functools.lru_cache(maxsize=None)
-def _accepted(platform: str) -> bool:
-    opts = _BY_PLATFORM.get(platform, {})
+def _accepted(platform: str, one_shot: bool = False) -> bool:
+    opts = _options(platform, one_shot)
     if not opts:
         return False
     try:
@@ -51,4 +63,39 @@ def compiler_options(platform: Optional[str] = None) -> Dict[str, object]:
     if os.environ.get(ENV_VAR, "") not in ("", "0"):
         return {}
     platform = platform or jax.default_backend()
-    return dict(_BY_PLATFORM[platform]) if _accepted(platform) else {}
+    return _options(platform, False) if _accepted(platform) else {}
+
+
+def _options(platform: str, one_shot: bool) -> Dict[str, object]:
+    opts = dict(_BY_PLATFORM.get(platform, {}))
+    if one_shot:
+        opts.update(_ONE_SHOT_BY_PLATFORM.get(platform, {}))
+    return opts
+
+
+def one_shot_options(platform: Optional[str] = None) -> Dict[str, object]:
+    """`compiler_options` for a program that runs once: compiled fast rather than made fast
+    (see the module docstring)."""
+    if os.environ.get(ENV_VAR, "") not in ("", "0"):
+        return {}
+    platform = platform or jax.default_backend()
+    if _accepted(platform, True):
+        return _options(platform, True)
+    return compiler_options(platform)
+
+
+def one_shot_jit(fun: Callable, **jit_kwargs) -> Callable:
+    """`jax.jit(fun, **jit_kwargs)` compiled with `one_shot_options`, chosen at the first
+    call (not at import, which would compile the options probe). Called on tracers (inside
+    another jit or `eval_shape`, where JAX takes no options), a plain nested jit."""
+    jitted = []
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        if not jitted:
+            jitted.append(jax.jit(fun, **jit_kwargs))  # inside another trace
+            jitted.append(jax.jit(fun, compiler_options=one_shot_options(), **jit_kwargs))
+        traced = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs)))
+        return jitted[0 if traced else 1](*args, **kwargs)
+
+    return call
