@@ -8,17 +8,16 @@ ms: equal within noise). A start-up of dozens of bucketed steps is compile-bound
 programs are compiled with the classic emitters, and with LLVM's optimization level 1 instead
 of 2: the main job's steps compile in 44 instead of 55 CPU-s, and a SmolLM2 decode step of 64
 rows (its GEMMs and attention are C++ kernels) runs as fast (best of two runs each: 239 ms at
-both levels; level 0: 399 ms; 2026-12-03, WORKSPACE_NOTES.md). The options are per program (never the
-process-wide `XLA_FLAGS`, so a user's own JAX code is untouched); a jaxlib that no longer
-knows an option gets none (checked once by compiling a one-op program), and
+both levels; level 0: 399 ms; 2026-12-03, WORKSPACE_NOTES.md). The options are per program
+(never the process-wide `XLA_FLAGS`, so a user's own JAX code is untouched); a jaxlib that
+no longer knows an option gets none (checked once by compiling a one-op program), and
 `FINESERVE_JAX_XLA_DEFAULTS=1` turns them off.
 
 Programs that run once (building the stacked layers, quantizing them, calibration searches:
 `one_shot_options`) are compiled for compile speed: on CPU without LLVM's optimizations, which
-cuts their compile time ~3x and changes no result (XLA emits reductions in a fixed order and
+cuts their compile time 2-3x and changes no result (XLA emits reductions in a fixed order and
 never enables fast-math reassociation; LLVM's optimizations only speed the same arithmetic).
 """
-
 
 from __future__ import annotations
 
