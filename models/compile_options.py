@@ -13,10 +13,11 @@ both levels; level 0: 399 ms; 2026-12-03, WORKSPACE_NOTES.md). The options are p
 no longer knows an option gets none (checked once by compiling a one-op program), and
 `FINESERVE_JAX_XLA_DEFAULTS=1` turns them off.
 
-Programs that run once (building the stacked layers, quantizing them, calibration searches:
-`one_shot_options`) are compiled for compile speed: on CPU without LLVM's optimizations, which
-cuts their compile time 2-3x and changes no result (XLA emits reductions in a fixed order and
-never enables fast-math reassociation; LLVM's optimizations only speed the same arithmetic).
+Programs the project jits outside the engine's step store (building the stacked layers,
+quantizing them, calibration searches) get the same options through `jit_with_options`. On
+CPU they give the same bits as XLA's defaults (tested on multiply-adds, transcendentals and
+random sampling); level 0 would compile them faster but does not (no FMA contraction: the
+last bit of `a * b + c`, `tanh`, a random normal differ), so it is not used.
 """
 
 from __future__ import annotations
@@ -35,14 +36,11 @@ ENV_VAR = "FINESERVE_JAX_XLA_DEFAULTS"
 _BY_PLATFORM: Dict[str, Dict[str, object]] = {
     "cpu": {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1},
 }
-_ONE_SHOT_BY_PLATFORM: Dict[str, Dict[str, object]] = {
-    "cpu": {"xla_backend_optimization_level": 0},
-}
 
 
 @functools.lru_cache(maxsize=None)
-def _accepted(platform: str, one_shot: bool = False) -> bool:
-    opts = _options(platform, one_shot)
+def _accepted(platform: str) -> bool:
+    opts = _BY_PLATFORM.get(platform, {})
     if not opts:
         return False
     try:
@@ -62,39 +60,22 @@ def compiler_options(platform: Optional[str] = None) -> Dict[str, object]:
     if os.environ.get(ENV_VAR, "") not in ("", "0"):
         return {}
     platform = platform or jax.default_backend()
-    return _options(platform, False) if _accepted(platform) else {}
+    return dict(_BY_PLATFORM[platform]) if _accepted(platform) else {}
 
 
-def _options(platform: str, one_shot: bool) -> Dict[str, object]:
-    opts = dict(_BY_PLATFORM.get(platform, {}))
-    if one_shot:
-        opts.update(_ONE_SHOT_BY_PLATFORM.get(platform, {}))
-    return opts
-
-
-def one_shot_options(platform: Optional[str] = None) -> Dict[str, object]:
-    """`compiler_options` for a program that runs once: compiled fast rather than made fast
-    (see the module docstring)."""
-    if os.environ.get(ENV_VAR, "") not in ("", "0"):
-        return {}
-    platform = platform or jax.default_backend()
-    if _accepted(platform, True):
-        return _options(platform, True)
-    return compiler_options(platform)
-
-
-def one_shot_jit(fun: Callable, **jit_kwargs) -> Callable:
-    """`jax.jit(fun, **jit_kwargs)` compiled with `one_shot_options`, chosen at the first
+def jit_with_options(fun: Callable, **jit_kwargs) -> Callable:
+    """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options`, chosen at the first
     call (not at import, which would compile the options probe). Called on tracers (inside
     another jit or `eval_shape`, where JAX takes no options), a plain nested jit."""
-    jitted = []
+    nested = jax.jit(fun, **jit_kwargs)
+    top = []
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
-        if not jitted:
-            jitted.append(jax.jit(fun, **jit_kwargs))  # inside another trace
-            jitted.append(jax.jit(fun, compiler_options=one_shot_options(), **jit_kwargs))
-        traced = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs)))
-        return jitted[0 if traced else 1](*args, **kwargs)
+        if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs))):
+            return nested(*args, **kwargs)
+        if not top:
+            top.append(jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs))
+        return top[0](*args, **kwargs)
 
     return call

@@ -10,8 +10,8 @@ under `jax.jit(jax.vmap(...))`: one compiled program per call. (Eagerly, op by o
 primitive of the constructor compiled on its own: measured on the 2-core box, quantizing
 tiny-qwen2 to qoq took 288 backend compiles and ~50 s under load.) It also works under
 `nnx.eval_shape`. Its temporaries are `layers` times one layer's; building never holds a
-second copy of the stacked result. It runs once, so it is compiled for compile speed
-(`compile_options.one_shot_jit`). `layer_slice` takes one layer back
+second copy of the stacked result. It is compiled with the project's
+options (`compile_options.jit_with_options`). `layer_slice` takes one layer back
 out as an ordinary module (a copy of the slices: for calibration and inspection).
 `with_stacked_kernels` lets the dense layers of one scan step multiply by their layer of the
 stack in place instead of by the slice the scan copies out.
@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence, Tuple
 import jax
 from flax import nnx
 
-from models.compile_options import one_shot_jit
+from models.compile_options import jit_with_options
 from models.linear import Linear, StackedKernel
 
 __all__ = ["stack_modules", "layer_slice", "stacked_depth", "dense_kernel_paths",
@@ -45,7 +45,7 @@ def stack_modules(build: Callable[..., nnx.Module], xs: Any) -> nnx.Module:
         graphdefs.append(graphdef)  # static: the same on every (traced) call
         return state
 
-    states = one_shot_jit(jax.vmap(one))(tuple(xs))
+    states = jit_with_options(jax.vmap(one))(tuple(xs))
     return nnx.merge(graphdefs[0], states)
 
 

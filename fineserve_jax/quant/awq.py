@@ -74,7 +74,8 @@ from fineserve_jax.formats import Preset
 from fineserve_jax.formats.kv_rotation import rotates_kv
 from fineserve_jax.quant.projections import SITES, layer_path, projection_layers
 from models.attention import CausalAttention
-from models.compile_options import one_shot_jit
+from models.compile_options import jit_with_options
+from models.stacking import layer_slice
 
 DEFAULT_MAX_TOKENS = 512  # rows of X per group used by the search
 DEFAULT_GRID = 11  # alphas 0, 0.1, ..., 1.0
@@ -180,27 +181,27 @@ def collect_projection_inputs(module, calibration: np.ndarray,
     x = module.embed(ids)
     rope = module.rope(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
     inputs: Dict[str, np.ndarray] = {}
+    graphdef, stacked = nnx.split(module.layers)
     for i in range(module.config.num_layers):
-        graphdef, state = nnx.split(module.layer(i))  # a copy: the model is left alone
-        x, seen = _layer_with_inputs(graphdef, state, x, rope, jnp.int32(i))
+        x, seen = _layer_with_inputs(graphdef, stacked, x, rope, jnp.int32(i))
         for site, v in seen.items():
             inputs[layer_path(i, site)] = np.asarray(v, np.float32).reshape(-1, v.shape[-1])[rows]
     return inputs
 
 
-def _layer_with_inputs(graphdef, state, x, rope, index):
-    """One float decoder layer on x [B, T, D]: (its output [B, T, D], {site: the input of
-    that projection [B, T, in]}). One compiled program serves every layer of a model."""
-    layer = nnx.merge(graphdef, state)
+@functools.partial(jit_with_options, static_argnums=(0,))
+def _layer_with_inputs(graphdef, stacked, x, rope, index):
+    """Float decoder layer `index` of the stacked layers (`nnx.split` of `module.layers`) on
+    x [B, T, D]: (its output [B, T, D], {site: the input of that projection [B, T, in]}).
+    One compiled program serves every layer; the slice and the taps are its own copies, so
+    the model is left alone."""
+    layer = layer_slice(nnx.merge(graphdef, stacked), index)
     seen = {}
     for site, parent, name in projection_layers(layer):
         setattr(parent, name, _Tap(getattr(parent, name),
                                    functools.partial(seen.__setitem__, site)))
     x, _ = layer(x, rope, index, CausalAttention(), None)
     return x, seen
-
-
-_layer_with_inputs = one_shot_jit(_layer_with_inputs, static_argnums=(0,))
 
 
 def candidate_scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
@@ -232,12 +233,14 @@ def key_smoothing_scales(k: np.ndarray, num_kv_heads: int, head_dim: int,
     return np.concatenate([lam, lam], axis=-1).reshape(-1).astype(np.float32)
 
 
+@functools.partial(jit_with_options, static_argnums=(0, 1))
 def _output_mse(layer_cls, group_size, kernel, x, act_scale, target):
     """Mean squared error of the quantized layer's output against the float target."""
     y = layer_cls(kernel, None, group_size=group_size, act_scale=act_scale)(x)
     return jnp.mean(jnp.square(y.astype(jnp.float32) - target))
 
 
+@functools.partial(jit_with_options, static_argnums=(0, 1))
 def _group_errors(layer_cls, group_size, w, x, ratio):
     """Output MSE per (input group, output channel) of `w` [in, out] quantized with every
     group clipped at `ratio`, on inputs x [N, in]: [G, out] (cross-group terms ignored)."""
@@ -248,11 +251,6 @@ def _group_errors(layer_cls, group_size, w, x, ratio):
     part = jnp.einsum("ngk,gko->ngo", x.reshape(x.shape[0], g, group_size), delta,
                       precision=jax.lax.Precision.HIGHEST)
     return jnp.mean(jnp.square(part), axis=0)
-
-
-# Searches run a handful of times per shape: compiled for compile speed.
-_output_mse = one_shot_jit(_output_mse, static_argnums=(0, 1))
-_group_errors = one_shot_jit(_group_errors, static_argnums=(0, 1))
 
 
 def search_clip(kernel: jax.Array, x: np.ndarray, layer_cls, group_size: int,
