@@ -25,7 +25,12 @@ class LayerKernels:
     """stacked_matmul(x [..., in], stacked [layers, in, out], layer int32) -> [..., out]
     float32: multiplies the dense layers by their layer of the stacked kernels in place,
     instead of by the slice the scan would copy out (None: XLA's dot of the slice).
+    quant_matmul(x [..., in] float32, weight [layers, ...] stored, layer int32, *, fmt,
+    scale / zero / group_scale [layers, G, out]) -> [..., out] (float32; int32 for "w4a8"):
+    the same for the quantized layers (`QuantLinear.kernel_format`), dequantizing on the fly
+    (None: the layers' XLA path on their slices).
     swiglu(gate [...], up [...]) -> silu(gate) * up (None: `swiglu` above)."""
 
     stacked_matmul: Optional[Callable] = None
+    quant_matmul: Optional[Callable] = None
     swiglu: Optional[Callable] = None

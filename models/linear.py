@@ -8,7 +8,7 @@ differ.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -17,16 +17,24 @@ from flax import nnx
 
 @dataclasses.dataclass(frozen=True)
 class StackedKernel:
-    """Layer `index` of stacked kernels, not sliced: what a `Linear` inside the decoder's
-    layer scan holds when the caller can multiply by a layer of the stack in place.
+    """Layer `index` of stacked kernels, not sliced: what a `Linear` (or a quantized layer's
+    `weight`) inside the decoder's layer scan holds when the caller can multiply by a layer
+    of the stack in place.
 
-    stacked [layers, in, out]; index int32 scalar (traced); matmul(x [..., in], stacked,
-    index) -> [..., out] float32. Any other read of the kernel (`kernel[...]`) takes the
+    stacked [layers, in, out] (a quantized layer: its stored weights); index int32 scalar
+    (traced); operands: the other stacked arrays the product reads (a quantized layer's
+    scales and zeros, by the matmul's argument names); matmul(x [..., in], stacked, index,
+    **operands) -> [..., out]. Any other read of the kernel (`kernel[...]`) takes the
     slice, as before."""
 
     stacked: jax.Array
     index: jax.Array
     matmul: Callable
+    operands: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+    def product(self, x: jax.Array) -> jax.Array:
+        """x [..., in] times layer `index` of the stack, read in place."""
+        return self.matmul(x, self.stacked, self.index, **self.operands)
 
     def __getitem__(self, key):
         return self.stacked[self.index][key]
@@ -50,7 +58,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel.get_value()
         if isinstance(kernel, StackedKernel):
-            y = kernel.matmul(x, kernel.stacked, kernel.index).astype(x.dtype)
+            y = kernel.product(x).astype(x.dtype)
         else:
             y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype),
                            preferred_element_type=jnp.float32).astype(x.dtype)

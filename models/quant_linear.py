@@ -56,7 +56,10 @@ f32 and an f32 dot (the products of two e4m3 values are exact in f32, so the res
 an fp8 GEMM with f32 accumulation). int8 x int8 -> int32 runs natively on XLA CPU. On
 Hopper GPUs XLA's GEMM rewriter maps the fp8 dot (with the scaling multiplies) to cuBLASLt
 fp8 GEMMs and the int8 dot to IMMA where the shapes allow; otherwise it upcasts, with the
-same results up to accumulation order.
+same results up to accumulation order. Inside the engine's layer scan on CPU (impl "cpu"), the
+layers multiply by their layer of the stacked weights in place through a C++ kernel that
+dequantizes on the fly (`_in_place`, `pallas_kernels/cpu/matmul.py`): the same products,
+float sums in another fixed order per row, W4A8's int32 sums exact.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from flax import nnx
 from fineserve_jax.formats import FP8_E4M3_MAX, INT4_LEVELS, INT8_QMAX
 from fineserve_jax.formats.int4_pack import pack_int4, unpack_int4
 from models.gptq import gptq_round
+from models.linear import StackedKernel
 
 # Scales never go below this, so an all-zero row/group quantizes to zeros instead of 0/0.
 SCALE_FLOOR = 1e-12
@@ -222,7 +226,9 @@ def row_blocked_matmul(x: jax.Array, w: jax.Array, acc_dtype,
 class QuantLinear(nnx.Module):
     """Base of the quantized layers: input scaling, bias and the output dtype.
 
-    Subclasses set `weight_format` / `activation_format` and implement `_store(w, grid)`
+    Subclasses set `weight_format` / `activation_format`, `kernel_format` and
+    `kernel_operands` (the format and arrays of an in-place kernel: `_in_place`), and
+    implement `_store(w, grid)`
     (quantize the float32 kernel [in, out] into Params) and `_product(x)`
     (x float32 [..., in] after the AWQ division, compute dtype -> float32 [..., out]); formats
     GPTQ can round also implement `_grid(w)` and `_round_rows(rows, grid)`.
@@ -230,6 +236,8 @@ class QuantLinear(nnx.Module):
 
     weight_format = "?"
     activation_format = "?"
+    kernel_format = "?"  # the in-place GEMM's format (`LayerKernels.quant_matmul`)
+    kernel_operands: dict = {}  # its argument -> this layer's stacked attribute read
 
     def __init__(self, kernel: jax.Array, bias: Optional[jax.Array] = None, *,
                  group_size: int = 128, act_scale: Optional[jax.Array] = None,
@@ -327,6 +335,14 @@ class QuantLinear(nnx.Module):
         """The kernel the layer effectively applies to `x / act_scale`: float32 [in, out]."""
         raise NotImplementedError
 
+    def _in_place(self, x: jax.Array) -> Optional[jax.Array]:
+        """x float32 [..., in] times the stored weights by the backend's in-place kernel when
+        the decoder's layer scan passes one (`weight` holds a `StackedKernel`); else None.
+        Float formats: float32 [..., out], the same products as the XLA path, summed in
+        another fixed order (still one sum per row: batch-invariant); w4a8: the exact int32."""
+        w = self.weight.get_value()
+        return w.product(x) if isinstance(w, StackedKernel) else None
+
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         if self.act_scale is not None:
@@ -364,6 +380,7 @@ class Fp8Linear(QuantLinear):
 
     weight_format = "fp8"
     activation_format = "fp8"
+    kernel_format = "fp8"
 
     def _grid(self, w):
         return symmetric_scale(w, "fp8", axis=0)  # [1, out]
@@ -377,7 +394,9 @@ class Fp8Linear(QuantLinear):
 
     def _product(self, x, compute_dtype):
         xq, x_scale = symmetric_quantize(x, "fp8", axis=-1)
-        acc = row_blocked_matmul(xq, self.weight[...], jnp.float32)
+        acc = self._in_place(xq.astype(jnp.float32))  # fp8 values are exact in float32
+        if acc is None:
+            acc = row_blocked_matmul(xq, self.weight[...], jnp.float32)
         return acc * x_scale * self.weight_scale[...]
 
     def dequantized_weight(self):
@@ -389,6 +408,8 @@ class Int8Linear(_GroupedMixin, QuantLinear):
 
     weight_format = "int8"
     activation_format = "bf16"
+    kernel_format = "int8"
+    kernel_operands = {"scale": "weight_scale"}
 
     def _store(self, w, grid):
         q, scale = symmetric_quantize(self._groups(w), "int8", axis=1)
@@ -403,6 +424,9 @@ class Int8Linear(_GroupedMixin, QuantLinear):
         # Dequantize, then one GEMM in the activation dtype with f32 accumulation: the
         # [in, out] dequantized kernel fuses into the dot's operand on GPU; a grouped
         # einsum would materialize [tokens, G, out] partial sums instead.
+        acc = self._in_place(x) if compute_dtype == jnp.float32 else None
+        if acc is not None:
+            return acc
         w = self.dequantized_weight().astype(compute_dtype)
         return row_blocked_matmul(x.astype(compute_dtype), w, jnp.float32)
 
@@ -413,6 +437,8 @@ class Int4Linear(_GroupedMixin, QuantLinear):
 
     weight_format = "int4"
     activation_format = "bf16"
+    kernel_format = "int4"
+    kernel_operands = {"scale": "weight_scale", "zero": "weight_zero"}
 
     def _store(self, w, grid):
         q, scale, zero = asymmetric_quantize(self._groups(w), axis=1)
@@ -426,6 +452,9 @@ class Int4Linear(_GroupedMixin, QuantLinear):
         return (q - zero) * expand_groups(self.weight_scale[...], self.group_size)
 
     def _product(self, x, compute_dtype):
+        acc = self._in_place(x) if compute_dtype == jnp.float32 else None
+        if acc is not None:
+            return acc
         w = self.dequantized_weight().astype(compute_dtype)
         return row_blocked_matmul(x.astype(compute_dtype), w, jnp.float32)
 
@@ -436,6 +465,8 @@ class W4A8Linear(_GroupedMixin, QuantLinear):
 
     weight_format = "int4"
     activation_format = "int8"
+    kernel_format = "w4a8"
+    kernel_operands = {"zero": "weight_zero", "group_scale": "group_scale"}
 
     def _store(self, w, grid):
         w8, scale = symmetric_quantize(w, "int8", axis=0, qmax=QOQ_PROTECTIVE_QMAX)
@@ -460,7 +491,9 @@ class W4A8Linear(_GroupedMixin, QuantLinear):
         xq, x_scale = symmetric_quantize(x, "int8", axis=-1)
         # int32 accumulation is exact, so any summation order gives the same sums: one
         # GEMM over all rows is already batch-invariant (no row blocks needed).
-        acc = _matmul(xq, self.int8_weight(), jnp.int32)
+        acc = self._in_place(xq.astype(jnp.float32))
+        if acc is None:
+            acc = _matmul(xq, self.int8_weight(), jnp.int32)
         return acc.astype(jnp.float32) * x_scale * self.weight_scale[...]
 
 

@@ -21,7 +21,7 @@ from models.config import ModelConfig
 from models.layer_kernels import LayerKernels, swiglu
 from models.layers import RMSNorm, apply_rope, rope_inv_freq, rope_tables
 from models.linear import Linear
-from models.stacking import (dense_kernel_paths, layer_slice, stack_modules,
+from models.stacking import (in_place_weights, layer_slice, stack_modules,
                              with_stacked_kernels)
 
 
@@ -134,14 +134,13 @@ class Transformer(nnx.Module):
         x = self.embed(token_ids)
         rope = self.rope(positions)
         graphdef, stacked = nnx.split(self.layers)
-        matmul = kernels.stacked_matmul
-        in_place = () if matmul is None else dense_kernel_paths(self.layers)
+        in_place = in_place_weights(self.layers, kernels.stacked_matmul, kernels.quant_matmul)
 
         def body(carry, xs):
             x, cache = carry
             params, i = xs
             if in_place:
-                params = with_stacked_kernels(params, stacked, in_place, i, matmul)
+                params = with_stacked_kernels(params, stacked, in_place, i)
             layer = nnx.merge(graphdef, params)
             return layer(x, rope, i, attention, cache, kernels.swiglu), None
 

@@ -21,7 +21,7 @@ import kernel_testing as T
 from fineserve_jax import load_model
 from models.attention import CausalAttention
 from models.layer_kernels import LayerKernels
-from models.stacking import dense_kernel_paths
+from models.stacking import in_place_weights
 from pallas_kernels.cpu.matmul import stacked_matmul_cpu, stacked_matmul_reference
 
 # (rows, in, out): tails of the 8- and 4-row tiles, of the 16/8-wide vectors and the
@@ -103,7 +103,7 @@ def test_decoder_with_the_in_place_gemm():
     its compiled program no longer slices the dense kernels out of the stack."""
     model = load_model("tiny-llama", dtype="float32", seed=5)
     module = model.module
-    paths = dense_kernel_paths(module.layers)
+    paths = [w.path + (w.weight,) for w in in_place_weights(module.layers, stacked_matmul_cpu, None)]
     assert len(paths) == 7  # q, k, v, o, gate, up, down
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 9)))
     positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))

@@ -134,7 +134,8 @@ def _swap_projections(module: Transformer, preset: Preset,
 
         xs = (lin.kernel[...], bias, kw.get("act_scale"), kw.get("in_scale"),
               kw.get("out_scale"), kw.get("clip"), kw.get("hessian"))
-        setattr(parent, name, stack_modules(build, xs))
+        # one key per (layer class, group size): build is the same function for every site
+        setattr(parent, name, stack_modules(build, xs, key=("quantize", cls, preset.group_size)))
 
 
 def quantize_model(module: Transformer, preset: "Preset | str", calibration=None, *,

@@ -29,7 +29,8 @@ import jax
 log = logging.getLogger("fineserve_jax")
 
 __all__ = ["ENV_VAR", "DIR_ENV_VAR", "CpuKernelUnavailable", "kernel_dir",
-           "ragged_attention_target", "stacked_matmul_target", "swiglu_target", "build_key",
+           "ragged_attention_target", "stacked_matmul_target", "quant_matmul_target",
+           "swiglu_target", "build_key",
            "unavailable_reason"]
 
 ENV_VAR = "FINESERVE_JAX_CPU_KERNELS"  # "0": never build or use the C++ kernels
@@ -41,6 +42,7 @@ HEADERS = tuple(os.path.join(_HERE, f) for f in ("parallel_for.h", "vector_math.
 # kernel -> the handler symbol the library exports for it
 SYMBOLS = {"ragged_attention": "FineserveRaggedAttention",
            "stacked_matmul": "FineserveStackedMatmul",
+           "quant_matmul": "FineserveQuantMatmul",
            "swiglu": "FineserveSwiglu"}
 # -fassociative-math lets GCC vectorize the dot and sum loops (summation order only; NaN and
 # infinities keep their meaning, unlike -ffast-math). -march=native: built where it runs.
@@ -176,6 +178,13 @@ def stacked_matmul_target(defines: Tuple[str, ...] = ()) -> str:
     """The registered FFI target name of the CPU in-place stacked GEMM, built if needed
     (`defines` as for `ragged_attention_target`). Raises CpuKernelUnavailable."""
     return _load(tuple(defines))["stacked_matmul"]
+
+
+def quant_matmul_target(defines: Tuple[str, ...] = ()) -> str:
+    """The registered FFI target name of the CPU in-place GEMM by quantized stacked weights
+    (`stacked_matmul.cc`), built if needed (`defines` as for `ragged_attention_target`).
+    Raises CpuKernelUnavailable."""
+    return _load(tuple(defines))["quant_matmul"]
 
 
 def swiglu_target(defines: Tuple[str, ...] = ()) -> str:

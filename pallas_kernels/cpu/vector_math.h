@@ -26,6 +26,13 @@ inline Vec LoadBf16(const uint16_t* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+// p[0, kVec) = v (whole numbers held exactly in float32) as int32, plus p's values unless
+// `first`.
+inline void AccumulateInt(int32_t* p, Vec v, bool first) {
+  __m512i i = _mm512_cvtps_epi32(v);
+  if (!first) i = _mm512_add_epi32(i, _mm512_loadu_si512(p));
+  _mm512_storeu_si512(p, i);
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kVec = 8;
 typedef __m256 Vec;
@@ -43,6 +50,11 @@ inline Vec LoadBf16(const uint16_t* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline void AccumulateInt(int32_t* p, Vec v, bool first) {
+  __m256i i = _mm256_cvtps_epi32(v);
+  if (!first) i = _mm256_add_epi32(i, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), i);
+}
 #else
 // Portable fallback (one lane): the same loop structures, the compiler vectorizes what it can.
 constexpr int kVec = 1;
@@ -55,6 +67,9 @@ inline Vec Zero() { return 0.0f; }
 inline float ReduceAdd(Vec v) { return v; }
 inline Vec LoadBf16(const uint16_t* p) {
   return __builtin_bit_cast(float, static_cast<uint32_t>(*p) << 16);
+}
+inline void AccumulateInt(int32_t* p, Vec v, bool first) {
+  *p = static_cast<int32_t>(std::nearbyint(v)) + (first ? 0 : *p);
 }
 #endif
 
