@@ -38,8 +38,8 @@ from pallas_kernels.cpu.matmul import quant_matmul_cpu, stacked_matmul_cpu
 def layer_kernels(impl: str, group: Optional[DeviceGroup] = None) -> Optional[LayerKernels]:
     """The `LayerKernels` a step's decoder uses (`Transformer.__call__`): with the C++ CPU
     kernels (impl "cpu") the dense and quantized layers read their layer of the stacked
-    weights in place and the MLP's activation is the vectorized kernel; else (and across devices: GSPMD
-    cannot split a custom call) None, plain JAX."""
+    weights in place and the MLP's activation is the vectorized kernel; else (and across
+    devices: GSPMD cannot split a custom call) None, plain JAX."""
     if impl == "cpu" and (group is None or group.tp == 1):
         return LayerKernels(stacked_matmul=stacked_matmul_cpu, quant_matmul=quant_matmul_cpu,
                             swiglu=swiglu_cpu)

@@ -124,7 +124,8 @@ def quant_matmul_cpu(x: jax.Array, weight: jax.Array, layer, *, fmt: str,
     error) of quantized stacked weights (`dequantized_layer` has the formats), read in place.
 
     fmt "fp8" (x: fp8 values as float32), "int8", "int4" (x: float32) -> float32 `[..., N]`;
-    "w4a8" (x: int8 values as float32) -> the exact int32 `[..., N]`. Each float output is
+    "w4a8" (x: int8 values as float32) -> the exact int32 `[..., N]` (exact while |x| and
+    |(w - zero) * group_scale| are <= 127, as QoQ builds them). Each float output is
     one sum in increasing k (batch-invariant). Non-float32 x goes through
     `quant_matmul_reference`. `defines`: build macros (tests build mutants)."""
     _check_quant(x, weight, fmt, scale, zero, group_scale)
