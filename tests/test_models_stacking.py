@@ -38,6 +38,32 @@ def test_stack_modules_builds_each_layer_from_its_slice():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_stack_modules_shares_one_program_per_key_and_shape():
+    """Calls of one key with inputs of one shape reuse the compiled build (no new trace); a
+    new shape traces again and gets its own structure; results equal an unshared build."""
+    traced = []
+
+    def build(k):
+        traced.append(k.shape)
+        return ql.Int8Linear(k, group_size=2)
+
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((2, 8, 4)), jnp.float32) for _ in range(2))
+    c = jnp.asarray(rng.standard_normal((2, 6, 4)), jnp.float32)
+    key = ("test-shared", ql.Int8Linear, 2)
+    first = stack_modules(build, (a,), key=key)
+    second = stack_modules(build, (b,), key=key)
+    assert len(traced) == 1  # the second call reused the first's program
+    third = stack_modules(build, (c,), key=key)
+    assert len(traced) == 2 and third.in_features == 6 and third.weight[...].shape == (2, 6, 4)
+    stack_modules(build, (b,))  # no key: its own program, traced again
+    assert len(traced) == 3
+    for got, x in ((first, a), (second, b), (third, c)):
+        want = stack_modules(lambda k: ql.Int8Linear(k, group_size=2), (x,))
+        for u, v in zip(_state(got), _state(want)):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
 def test_hf_names_map_to_layer_indices(tmp_path):
     src = load_model("tiny-qwen2", dtype="float32", seed=1)
     checkpoint.save_hf_checkpoint(src.module, str(tmp_path))
