@@ -403,7 +403,23 @@ class Fp8Linear(QuantLinear):
         return self.weight[...].astype(jnp.float32) * self.weight_scale[...]
 
 
-class Int8Linear(_GroupedMixin, QuantLinear):
+class _WeightOnlyLinear(_GroupedMixin, QuantLinear):
+    """Grouped integer weights with activations in the model dtype (W8A16, W4A16): the
+    subclass dequantizes (`dequantized_weight`), the product is one float GEMM."""
+
+    def _product(self, x, compute_dtype):
+        # The in-place kernel reads float32 activations only (bf16 takes the slice).
+        acc = self._in_place(x) if compute_dtype == jnp.float32 else None
+        if acc is not None:
+            return acc
+        # Dequantize, then one GEMM in the activation dtype with f32 accumulation: the
+        # [in, out] dequantized kernel fuses into the dot's operand on GPU; a grouped
+        # einsum would materialize [tokens, G, out] partial sums instead.
+        w = self.dequantized_weight().astype(compute_dtype)
+        return row_blocked_matmul(x.astype(compute_dtype), w, jnp.float32)
+
+
+class Int8Linear(_WeightOnlyLinear):
     """W8A16: symmetric int8 weights with a float32 scale per (input group, output channel)."""
 
     weight_format = "int8"
@@ -420,18 +436,8 @@ class Int8Linear(_GroupedMixin, QuantLinear):
         return (self.weight[...].astype(jnp.float32)
                 * expand_groups(self.weight_scale[...], self.group_size))
 
-    def _product(self, x, compute_dtype):
-        # Dequantize, then one GEMM in the activation dtype with f32 accumulation: the
-        # [in, out] dequantized kernel fuses into the dot's operand on GPU; a grouped
-        # einsum would materialize [tokens, G, out] partial sums instead.
-        acc = self._in_place(x) if compute_dtype == jnp.float32 else None
-        if acc is not None:
-            return acc
-        w = self.dequantized_weight().astype(compute_dtype)
-        return row_blocked_matmul(x.astype(compute_dtype), w, jnp.float32)
 
-
-class Int4Linear(_GroupedMixin, QuantLinear):
+class Int4Linear(_WeightOnlyLinear):
     """W4A16 (AWQ format): uint4 weights, packed 2 per byte along the input dim, with a
     float32 scale and a uint8 zero point per (input group, output channel)."""
 
@@ -450,14 +456,6 @@ class Int4Linear(_GroupedMixin, QuantLinear):
         q = unpack_int4(self.weight[...], 0).astype(jnp.float32)
         zero = expand_groups(self.weight_zero[...], self.group_size).astype(jnp.float32)
         return (q - zero) * expand_groups(self.weight_scale[...], self.group_size)
-
-    def _product(self, x, compute_dtype):
-        acc = self._in_place(x) if compute_dtype == jnp.float32 else None
-        if acc is not None:
-            return acc
-        w = self.dequantized_weight().astype(compute_dtype)
-        return row_blocked_matmul(x.astype(compute_dtype), w, jnp.float32)
-
 
 class W4A8Linear(_GroupedMixin, QuantLinear):
     """W4A8 (QoQ): uint4 weights with integer group scales/zeros over a per-channel int8
