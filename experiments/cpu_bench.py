@@ -18,7 +18,10 @@ Scenarios (`--scenarios`):
   (useful tokens), on both sides.
 Both are timed after a warm-up call, the engine with prefix caching off (a repeated call
 recomputes its prompts, as transformers does); tokens/s = (useful) generated tokens / wall
-time of the call. Start-up is measured separately in fresh processes: cold (empty
+time of the call (median of `--reps`). The two stacks' calls alternate (engine, transformers,
+engine, ...), and the ratio is the median over those pairs of the pair's ratio: this
+machine's speed drifts over minutes, and a ratio of calls made seconds apart compares the
+stacks, not the minutes. Start-up is measured separately in fresh processes: cold (empty
 compilation cache folder) and warm (the same folder again), with the engine's own breakdown
 (load, quantize, compile, profile). Prints a table and writes OUTPUT_DIR/cpu_bench.json.
 """
@@ -40,7 +43,8 @@ from experiments.output import write_json
 
 _NUM = flags.DEFINE_list("num_prompts", ["32", "64"], "prompt counts to measure")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "tokens generated per prompt")
-_REPS = flags.DEFINE_integer("reps", 2, "timed calls per side (median)")
+_REPS = flags.DEFINE_integer("reps", 3, "timed calls per side, the two sides alternating "
+                             "call by call; the ratio is the median of the pairs' ratios")
 _STARTUP = flags.DEFINE_boolean("startup", True, "measure cold and warm engine start-up")
 _HF = flags.DEFINE_boolean("transformers", True, "also run transformers (needs the hf extra)")
 _SEED = flags.DEFINE_integer("seed", 0, "prompt (and mixed output length) seed")
@@ -99,66 +103,97 @@ def step_breakdown(before, after, wall_s: float) -> dict:
             "host_s": wall_s - prefill_s - decode_s}
 
 
-def engine_side(path: str, prompts, lengths, reps: int):
-    from fineserve_jax import LLM, SamplingParams
-    from fineserve_jax.core.buckets import Buckets
+class EngineSide:
+    """The engine, set up and warmed for one scenario; `call()` times one `generate`."""
 
-    t0 = time.perf_counter()
-    # Prefix caching off: the timed calls repeat the same prompts, and transformers
-    # recomputes every prompt each call, so the engine must too (same work on both sides).
-    llm = LLM(model=path, quant="org", dtype="float32", enable_prefix_caching=False,
-              max_model_len=max(len(p) for p in prompts) + max(lengths) + 8,
-              buckets=Buckets(decode_sizes=(1, 2, 4, 8, 16, 32, 64), prefill_sizes=(32, 128, 256),
-                              prefill_seqs=8))
-    startup = time.perf_counter() - t0
-    sps = [SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True) for k in lengths]
-    llm.generate(prompts[:4], sps[:4])  # warm the host path
-    times, outs, stats = [], None, llm.engine.loop.stats
-    for _ in range(reps):
+    def __init__(self, path: str, prompts, lengths):
+        from fineserve_jax import LLM, SamplingParams
+        from fineserve_jax.core.buckets import Buckets
+
+        t0 = time.perf_counter()
+        # Prefix caching off: the timed calls repeat the same prompts, and transformers
+        # recomputes every prompt each call, so the engine must too (same work on both sides).
+        self.llm = LLM(model=path, quant="org", dtype="float32", enable_prefix_caching=False,
+                       max_model_len=max(len(p) for p in prompts) + max(lengths) + 8,
+                       buckets=Buckets(decode_sizes=(1, 2, 4, 8, 16, 32, 64),
+                                       prefill_sizes=(32, 128, 256), prefill_seqs=8))
+        self.startup_s = time.perf_counter() - t0
+        self.prompts, self.lengths = prompts, list(lengths)
+        self.params = [SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True)
+                       for k in lengths]
+        self.llm.generate(prompts[:4], self.params[:4])  # warm the host path
+        self.times, self.outs, self.breakdown = [], None, None
+
+    def call(self) -> float:
+        stats = self.llm.engine.loop.stats
         before = dataclasses.replace(stats)
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, sps)
-        times.append(time.perf_counter() - t0)
-        breakdown = step_breakdown(before, stats, times[-1])
-    got = [len(o.token_ids) for o in outs]
-    if got != list(lengths):  # the figure below would count other work than asked for
-        raise RuntimeError(f"the engine generated {got} tokens, asked for {list(lengths)}")
-    tokens = sum(got)
-    wall = statistics.median(times)
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "steps": breakdown["prefill_steps"] + breakdown["decode_steps"],
-            "breakdown": breakdown,  # of the last timed call
-            "cached_prompt_tokens": sum(o.num_cached_tokens for o in outs),  # 0: full prefill
-            "startup_s": startup, "startup": llm.engine.startup,
-            "steady_state_compiles": llm.engine.steady_state_compiles,
-            "profile_ms": {k: round(v * 1e3, 2) for k, v in llm.engine.cost.as_dict().get("model/decode", {}).items()},
-            "_tokens": [o.token_ids for o in outs]}
+        self.outs = self.llm.generate(self.prompts, self.params)
+        self.times.append(time.perf_counter() - t0)
+        self.breakdown = step_breakdown(before, stats, self.times[-1])
+        got = [len(o.token_ids) for o in self.outs]
+        if got != self.lengths:  # the figure would count other work than asked for
+            raise RuntimeError(f"the engine generated {got} tokens, asked for {self.lengths}")
+        return self.times[-1]
+
+    def summary(self) -> dict:
+        tokens, wall, engine = sum(self.lengths), statistics.median(self.times), self.llm.engine
+        return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                "walls_s": self.times,
+                "steps": self.breakdown["prefill_steps"] + self.breakdown["decode_steps"],
+                "breakdown": self.breakdown,  # of the last timed call
+                "cached_prompt_tokens": sum(o.num_cached_tokens for o in self.outs),  # 0: full prefill
+                "startup_s": self.startup_s, "startup": engine.startup,
+                "steady_state_compiles": engine.steady_state_compiles,
+                "profile_ms": {k: round(v * 1e3, 2) for k, v in
+                               engine.cost.as_dict().get("model/decode", {}).items()},
+                "_tokens": [o.token_ids for o in self.outs]}
 
 
-def transformers_side(path: str, prompts, lengths, reps: int):
-    import torch
-    import transformers
+class TransformersSide:
+    """transformers `generate` over the same prompts, left-padded into one batch; `call()`
+    times one call."""
 
-    d, f = os.path.dirname(path), os.path.basename(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    pad = 0
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    longest = max(lengths)  # one generate call: every row runs to the longest request
-    kw = dict(max_new_tokens=longest, min_new_tokens=longest, do_sample=False, pad_token_id=pad)
-    with torch.inference_mode():
-        model.generate(ids[:4], attention_mask=mask[:4], **kw)  # warm-up
-        times, out = [], None
-        for _ in range(reps):
+    def __init__(self, path: str, prompts, lengths):
+        import torch
+        import transformers
+
+        self.torch = torch
+        d, f = os.path.dirname(path), os.path.basename(path)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            d, gguf_file=f, dtype=torch.float32).eval()
+        pad = 0
+        self.width = max(len(p) for p in prompts)
+        self.ids = torch.tensor([[pad] * (self.width - len(p)) + p for p in prompts])
+        self.mask = torch.tensor([[0] * (self.width - len(p)) + [1] * len(p) for p in prompts])
+        self.lengths = list(lengths)
+        longest = max(lengths)  # one generate call: every row runs to the longest request
+        self.kw = dict(max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                       pad_token_id=pad)
+        with torch.inference_mode():  # warm-up
+            self.model.generate(self.ids[:4], attention_mask=self.mask[:4], **self.kw)
+        self.times, self.out = [], None
+
+    def call(self) -> float:
+        with self.torch.inference_mode():
             t0 = time.perf_counter()
-            out = model.generate(ids, attention_mask=mask, **kw)
-            times.append(time.perf_counter() - t0)
-    gen = [g[:k] for g, k in zip(out[:, width:].tolist(), lengths)]  # each its requested tokens
-    tokens = sum(len(g) for g in gen)
-    wall = statistics.median(times)
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "threads": torch.get_num_threads(), "_tokens": gen}
+            self.out = self.model.generate(self.ids, attention_mask=self.mask, **self.kw)
+            self.times.append(time.perf_counter() - t0)
+        return self.times[-1]
+
+    def summary(self) -> dict:
+        gen = [g[:k] for g, k in zip(self.out[:, self.width:].tolist(), self.lengths)]
+        tokens, wall = sum(len(g) for g in gen), statistics.median(self.times)
+        return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                "walls_s": self.times, "threads": self.torch.get_num_threads(), "_tokens": gen}
+
+
+def run_interleaved(sides, reps: int) -> None:
+    """`reps` timed calls of each side, alternating call by call: this box's speed drifts
+    over minutes, and a ratio of two calls made seconds apart is what compares the stacks."""
+    for _ in range(reps):
+        for side in sides:
+            side.call()
 
 
 STARTUP_SCRIPT = """
@@ -212,13 +247,19 @@ def main(argv):
     for scenario, n in ((s, int(x)) for s in _SCENARIOS.value for x in _NUM.value):
         prompts = make_prompts(tok, n, _SEED.value)
         lengths = output_lengths(scenario, n, _NEW.value, _SEED.value)
-        run = {"scenario": scenario, "prompts": n, "requested_tokens": sum(lengths),
-               "longest_request": max(lengths),
-               "engine": engine_side(path, prompts, lengths, _REPS.value)}
+        sides = [EngineSide(path, prompts, lengths)]
         if _HF.value:
-            run["transformers"] = transformers_side(path, prompts, lengths, _REPS.value)
+            sides.append(TransformersSide(path, prompts, lengths))
+        run_interleaved(sides, _REPS.value)
+        run = {"scenario": scenario, "prompts": n, "requested_tokens": sum(lengths),
+               "longest_request": max(lengths), "engine": sides[0].summary()}
+        if _HF.value:
+            run["transformers"] = sides[1].summary()
             e, t = run["engine"], run["transformers"]
-            run["ratio_engine_over_transformers"] = e["tokens_per_s"] / t["tokens_per_s"]
+            # Same tokens on both sides: each pair's ratio is the ratio of its wall times.
+            pairs = [tw / ew for ew, tw in zip(e["walls_s"], t["walls_s"])]
+            run["ratios_per_pair"] = pairs
+            run["ratio_engine_over_transformers"] = statistics.median(pairs)
             run["same_tokens"] = e["_tokens"] == t["_tokens"]
             run["same_first_8"] = [a[:8] for a in e["_tokens"]] == [b[:8] for b in t["_tokens"]]
             # Greedy float32 decoding in two stacks (transformers pads its batch on the left,

@@ -158,6 +158,10 @@ def test_cpu_bench_runs_both_scenarios(smollm2, tmp_path):
     for key, run in runs.items():
         assert run["engine"]["tokens"] == run["transformers"]["tokens"] == run["requested_tokens"]
         assert run["ratio_engine_over_transformers"] > 0
+        # --reps=1: one engine call and one transformers call, one pair, its ratio reported
+        e_wall, t_wall = run["engine"]["walls_s"], run["transformers"]["walls_s"]
+        assert len(e_wall) == len(t_wall) == len(run["ratios_per_pair"]) == 1
+        assert run["ratio_engine_over_transformers"] == pytest.approx(t_wall[0] / e_wall[0])
         assert run["engine"]["steady_state_compiles"] == 0
         assert run["engine"]["cached_prompt_tokens"] == 0  # same prefill work as transformers
     assert runs["fixed/3"]["requested_tokens"] == 18

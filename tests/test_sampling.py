@@ -96,6 +96,31 @@ def test_greedy_tokens_chunk_mutations_are_caught(mutant):
     assert (np.asarray(jax.jit(wrong)(jnp.asarray(wide))) != want).any()
 
 
+def test_greedy_tokens_takes_the_nan_path_exactly_when_a_chunk_sum_is_nan(monkeypatch):
+    """Clean batches take the one-pass path (XLA's CPU max reduction drops NaNs, so that
+    path alone is wrong on NaN rows); a batch where a chunk holds a NaN, or +inf and -inf,
+    takes `_greedy_with_nans`. Replacing that path with garbage must change exactly the
+    batches the guard sends there."""
+    from fineserve_jax.engine import sampling
+
+    small, wide = _greedy_cases()
+    clean = np.random.default_rng(3).normal(size=(5, 49152)).astype(np.float32)
+    clean[1, 7] = clean[1, 9000] = np.inf  # +inf twice: first index wins, no NaN sum
+    mixed_inf = clean.copy()
+    mixed_inf[2, [10, 20]] = np.inf, -np.inf  # one chunk sums to NaN: the careful path
+    for logits in (clean, mixed_inf, small, wide):
+        got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(logits)))
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+    monkeypatch.setattr(sampling, "_greedy_with_nans",
+                        lambda x: jnp.full(x.shape[:1], -1, jnp.int32))
+    def patched(logits):  # a new function: no trace cached from before the patch
+        return np.asarray(jax.jit(lambda x: sampling.greedy_tokens(x))(jnp.asarray(logits)))
+
+    assert (patched(clean) >= 0).all()
+    for logits in (mixed_inf, wide):
+        assert (patched(logits) == -1).all()
+
+
 def test_top_k_one_is_greedy_and_top_k_restricts_support():
     logits = np.random.default_rng(1).normal(size=(4, 30))
     np.testing.assert_array_equal(_call(logits, 1.0, top_k=1), logits.argmax(-1))

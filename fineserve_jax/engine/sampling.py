@@ -28,25 +28,43 @@ def greedy_tokens(logits):
     """argmax over the last axis: [R, V] -> [R] int32, first index of the maximum (of the
     first NaN where a row has one), as `jnp.argmax`.
 
-    In two stages over chunks of the vocabulary (`_chunk`): each chunk's maximum (NaN left
-    out) and whether it holds a NaN, then the first index inside the one chunk that holds
-    the answer. XLA's CPU backend runs `jnp.argmax` as a (value, index) pair reduction that
-    does not vectorize, and a max over whole rows followed by a min over matching indices
-    materializes two [R, V] temporaries; on SmolLM2's [64, 49152] logits this is 1.9 ms
-    against 9.0 (and 8.1 for argmax), and the sampler around it 1.7 against 20 ms.
+    In two stages over chunks of the vocabulary (`_chunk`): each chunk's maximum, then the
+    first index inside the one chunk that holds the answer. XLA's CPU backend runs
+    `jnp.argmax` as a (value, index) pair reduction that does not vectorize, and its max
+    reduction drops NaNs. So the common case reads the logits once for the chunk maxima and
+    their sums (a chunk holding a NaN sums to NaN), and only a batch where some sum is NaN
+    takes `_greedy_with_nans`, which masks NaNs first (it writes a [R, V] copy and a mask).
+    SmolLM2's [64, 49152] logits: argmax 7.3-7.7 ms, the masked path 3.3-4.3, the common
+    path 0.4-0.5 (WORKSPACE_NOTES 2026-12-03, thirteenth).
     """
     r, v = logits.shape
     c = _chunk(v)
     x = logits.reshape(r, v // c, c)
-    nan = jnp.isnan(x)
-    chunk_max = jnp.max(jnp.where(nan, -jnp.inf, x), axis=-1)  # [R, V / c]
-    chunk_nan = jnp.any(nan, axis=-1)
-    row_nan = jnp.any(chunk_nan, axis=-1, keepdims=True)  # [R, 1]
-    top = jnp.max(chunk_max, axis=-1, keepdims=True)
+    chunk_max = jnp.max(x, axis=-1)  # [R, V / c]
+    maybe_nan = jnp.any(jnp.isnan(jnp.sum(x, axis=-1)))  # NaN, or +inf and -inf in a chunk
+    return jax.lax.cond(maybe_nan, lambda: _greedy_with_nans(x),
+                        lambda: _first_in_chunks(x, chunk_max, jnp.zeros(r, bool)[:, None]))
+
+
+def _first_in_chunks(x, chunk_max, row_nan):
+    """x [R, C, c] logits in chunks, chunk_max [R, C] each chunk's maximum (NaN exactly
+    where the chunk holds a NaN), row_nan [R, 1] whether the row holds one -> [R] int32:
+    the first index of the row's maximum, or of its first NaN."""
+    c = x.shape[-1]
+    chunk_nan = jnp.isnan(chunk_max)
+    top = jnp.max(jnp.where(chunk_nan, -jnp.inf, chunk_max), axis=-1, keepdims=True)
     j = jnp.argmax(jnp.where(row_nan, chunk_nan, chunk_max == top), axis=-1)  # [R]
     chunk = jnp.take_along_axis(x, j[:, None, None], axis=1)[:, 0]  # [R, c]
     hit = jnp.where(row_nan, jnp.isnan(chunk), chunk == top)
     return (j * c + jnp.argmax(hit, axis=-1)).astype(jnp.int32)
+
+
+def _greedy_with_nans(x):
+    """`_first_in_chunks` where rows may hold NaNs: each chunk's NaN flag is its own reduction."""
+    nan = jnp.isnan(x)
+    chunk_nan = jnp.any(nan, axis=-1)
+    chunk_max = jnp.where(chunk_nan, jnp.nan, jnp.max(jnp.where(nan, -jnp.inf, x), axis=-1))
+    return _first_in_chunks(x, chunk_max, jnp.any(chunk_nan, axis=-1, keepdims=True))
 
 
 @functools.lru_cache(maxsize=None)
