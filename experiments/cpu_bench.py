@@ -51,6 +51,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "prompt (and mixed output length) seed")
 _SCENARIOS = flags.DEFINE_list("scenarios", ["fixed", "mixed"], "fixed: every prompt asks for "
                                "--new_tokens tokens; mixed: each its own count (see the docstring)")
 _OUT = flags.DEFINE_string("output_dir", "runs/cpu_bench", "where to write cpu_bench.json")
+_T0 = time.perf_counter()  # the origin of the calls' start times in the JSON
 
 TEXT = (
     "The morning was cold and clear, and the river ran quickly past the old mill. "
@@ -122,12 +123,13 @@ class EngineSide:
         self.params = [SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True)
                        for k in lengths]
         self.llm.generate(prompts[:4], self.params[:4])  # warm the host path
-        self.times, self.outs, self.breakdown = [], None, None
+        self.times, self.starts, self.outs, self.breakdown = [], [], None, None
 
     def call(self) -> float:
         stats = self.llm.engine.loop.stats
         before = dataclasses.replace(stats)
         t0 = time.perf_counter()
+        self.starts.append(t0 - _T0)
         self.outs = self.llm.generate(self.prompts, self.params)
         self.times.append(time.perf_counter() - t0)
         self.breakdown = step_breakdown(before, stats, self.times[-1])
@@ -139,7 +141,7 @@ class EngineSide:
     def summary(self) -> dict:
         tokens, wall, engine = sum(self.lengths), statistics.median(self.times), self.llm.engine
         return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-                "walls_s": self.times,
+                "walls_s": self.times, "starts_s": self.starts,
                 "steps": self.breakdown["prefill_steps"] + self.breakdown["decode_steps"],
                 "breakdown": self.breakdown,  # of the last timed call
                 "cached_prompt_tokens": sum(o.num_cached_tokens for o in self.outs),  # 0: full prefill
@@ -164,7 +166,7 @@ class TransformersSide:
             d, gguf_file=f, dtype=torch.float32).eval()
         pad = 0
         self.width = max(len(p) for p in prompts)
-        self.ids = torch.tensor([[pad] * (self.width - len(p)) + p for p in prompts])
+        self.ids = torch.tensor([[pad] * (self.width - len(p)) + p for p in prompts])  # left pad
         self.mask = torch.tensor([[0] * (self.width - len(p)) + [1] * len(p) for p in prompts])
         self.lengths = list(lengths)
         longest = max(lengths)  # one generate call: every row runs to the longest request
@@ -172,11 +174,12 @@ class TransformersSide:
                        pad_token_id=pad)
         with torch.inference_mode():  # warm-up
             self.model.generate(self.ids[:4], attention_mask=self.mask[:4], **self.kw)
-        self.times, self.out = [], None
+        self.times, self.starts, self.out = [], [], None
 
     def call(self) -> float:
         with self.torch.inference_mode():
             t0 = time.perf_counter()
+            self.starts.append(t0 - _T0)
             self.out = self.model.generate(self.ids, attention_mask=self.mask, **self.kw)
             self.times.append(time.perf_counter() - t0)
         return self.times[-1]
@@ -185,7 +188,7 @@ class TransformersSide:
         gen = [g[:k] for g, k in zip(self.out[:, self.width:].tolist(), self.lengths)]
         tokens, wall = sum(len(g) for g in gen), statistics.median(self.times)
         return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-                "walls_s": self.times, "threads": self.torch.get_num_threads(), "_tokens": gen}
+                "walls_s": self.times, "starts_s": self.starts, "threads": self.torch.get_num_threads(), "_tokens": gen}
 
 
 def run_interleaved(sides, reps: int) -> None:
@@ -256,8 +259,8 @@ def main(argv):
         if _HF.value:
             run["transformers"] = sides[1].summary()
             e, t = run["engine"], run["transformers"]
-            # Same tokens on both sides: each pair's ratio is the ratio of its wall times.
-            pairs = [tw / ew for ew, tw in zip(e["walls_s"], t["walls_s"])]
+            pairs = [(e["tokens"] / ew) / (t["tokens"] / tw)  # tokens/s over tokens/s
+                     for ew, tw in zip(e["walls_s"], t["walls_s"])]
             run["ratios_per_pair"] = pairs
             run["ratio_engine_over_transformers"] = statistics.median(pairs)
             run["same_tokens"] = e["_tokens"] == t["_tokens"]

@@ -150,18 +150,21 @@ def test_cpu_bench_runs_both_scenarios(smollm2, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.cpu_bench", "--num_prompts=3", "--new_tokens=6",
-         "--reps=1", "--nostartup", f"--output_dir={tmp_path}"],
+         "--reps=2", "--nostartup", f"--output_dir={tmp_path}"],
         cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.load(open(tmp_path / "cpu_bench.json"))["runs"]
     assert set(runs) == {"fixed/3", "mixed/3"}
     for key, run in runs.items():
         assert run["engine"]["tokens"] == run["transformers"]["tokens"] == run["requested_tokens"]
-        assert run["ratio_engine_over_transformers"] > 0
-        # --reps=1: one engine call and one transformers call, one pair, its ratio reported
-        e_wall, t_wall = run["engine"]["walls_s"], run["transformers"]["walls_s"]
-        assert len(e_wall) == len(t_wall) == len(run["ratios_per_pair"]) == 1
-        assert run["ratio_engine_over_transformers"] == pytest.approx(t_wall[0] / e_wall[0])
+        # --reps=2: the stacks' calls alternate, and the ratio is the median of the pairs'
+        e, t = run["engine"], run["transformers"]
+        e0, e1 = e["starts_s"]
+        t0, t1 = t["starts_s"]
+        assert e0 < t0 < e1 < t1
+        pairs = [tw / ew for ew, tw in zip(e["walls_s"], t["walls_s"])]  # same tokens
+        assert run["ratios_per_pair"] == pytest.approx(pairs)
+        assert run["ratio_engine_over_transformers"] == pytest.approx(sum(pairs) / 2)
         assert run["engine"]["steady_state_compiles"] == 0
         assert run["engine"]["cached_prompt_tokens"] == 0  # same prefill work as transformers
     assert runs["fixed/3"]["requested_tokens"] == 18
