@@ -43,15 +43,16 @@ def greedy_tokens(logits):
     chunk_max = jnp.max(x, axis=-1)  # [R, V / c]
     maybe_nan = jnp.any(jnp.isnan(jnp.sum(x, axis=-1)))  # NaN, or +inf and -inf in a chunk
     return jax.lax.cond(maybe_nan, lambda: _greedy_with_nans(x),
-                        lambda: _first_in_chunks(x, chunk_max, jnp.zeros(r, bool)[:, None]))
+                        lambda: _first_in_chunks(x, chunk_max))
 
 
-def _first_in_chunks(x, chunk_max, row_nan):
+def _first_in_chunks(x, chunk_max):
     """x [R, C, c] logits in chunks, chunk_max [R, C] each chunk's maximum (NaN exactly
-    where the chunk holds a NaN), row_nan [R, 1] whether the row holds one -> [R] int32:
-    the first index of the row's maximum, or of its first NaN."""
+    where the chunk holds a NaN) -> [R] int32: the first index of the row's maximum, or of
+    its first NaN."""
     c = x.shape[-1]
     chunk_nan = jnp.isnan(chunk_max)
+    row_nan = jnp.any(chunk_nan, axis=-1, keepdims=True)  # [R, 1]
     top = jnp.max(jnp.where(chunk_nan, -jnp.inf, chunk_max), axis=-1, keepdims=True)
     j = jnp.argmax(jnp.where(row_nan, chunk_nan, chunk_max == top), axis=-1)  # [R]
     chunk = jnp.take_along_axis(x, j[:, None, None], axis=1)[:, 0]  # [R, c]
@@ -64,7 +65,7 @@ def _greedy_with_nans(x):
     nan = jnp.isnan(x)
     chunk_nan = jnp.any(nan, axis=-1)
     chunk_max = jnp.where(chunk_nan, jnp.nan, jnp.max(jnp.where(nan, -jnp.inf, x), axis=-1))
-    return _first_in_chunks(x, chunk_max, jnp.any(chunk_nan, axis=-1, keepdims=True))
+    return _first_in_chunks(x, chunk_max)
 
 
 @functools.lru_cache(maxsize=None)
